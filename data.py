@@ -1,0 +1,272 @@
+"""
+Datasets and downloads shared by train.py, sample.py, fid.py and sendvae.py.
+
+- `shapes`: our built-in procedural dataset (offline, deterministic, 32x32 RGB). Each image is one shape
+  (the class label) drawn with random colour, size, position and rotation on a two-tone gradient
+  background; every attribute is also returned as a discrete label (the Send-VAE attribute probe uses them).
+- `cifar10`: the CIFAR-10 python archive, downloaded once into the cache dir (md5-checked).
+- a folder: ImageFolder (one sub-folder per class, class-conditional) or a flat folder of images
+  (unconditional), ADM center crop + random horizontal flip, as DiT/ADM/UNITE's data loaders.
+
+Images are float tensors in [0, 1], shape (3, H, W), as UNITE's code trains on them (no mean/std).
+"""
+import hashlib
+import os
+import pickle
+import sys
+import tarfile
+import urllib.request
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+class DataError(Exception):
+    """A problem the user can fix (bad path, corrupt file, missing download). Scripts print it as one line."""
+
+
+def error_line(e):
+    """One clear line for a DataError, also when a DataLoader worker re-raised it with a traceback."""
+    lines = [l for l in str(e).strip().splitlines() if l.strip()]
+    last = lines[-1] if lines else repr(e)
+    return last.split("DataError: ", 1)[-1]
+
+
+# -----------------------------------------------------------------------------
+# downloads: one function, a cache dir, a checksum, a clear offline error
+
+def cache_dir():
+    return os.environ.get("MINUNITE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "minunite"))
+
+
+def file_hash(path, algo="sha256"):
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url, path, algo, digest):
+    """Return `path`, downloading `url` there first if needed; the file's `algo` hash must equal `digest`.
+    Offline (or on a bad download) raise DataError saying where to put the file by hand."""
+    if os.path.exists(path):
+        got = file_hash(path, algo)
+        if got != digest:
+            raise DataError(f"{path} has {algo} {got[:12]}..., expected {digest[:12]}...: delete it or replace it "
+                            f"with the file from {url}")
+        return path
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".part"
+    try:
+        print(f"downloading {url} -> {path}", file=sys.stderr)
+        urllib.request.urlretrieve(url, tmp)
+    except Exception as e:  # no network, DNS failure, HTTP error: all end the same way
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise DataError(f"cannot download {url} ({type(e).__name__}); offline? put the file at {path} "
+                        f"({algo} {digest})") from None
+    got = file_hash(tmp, algo)
+    if got != digest:
+        os.remove(tmp)
+        raise DataError(f"download of {url} is corrupt ({algo} {got[:12]}... != {digest[:12]}...); try again")
+    os.replace(tmp, path)  # atomic: never a half-written file under the final name
+    return path
+
+
+# -----------------------------------------------------------------------------
+# built-in procedural dataset: "shapes"
+
+SHAPES = ["circle", "square", "triangle", "cross", "ring", "flower"]
+COLORS = np.array([[230, 40, 40], [40, 200, 60], [50, 90, 240], [245, 215, 30],
+                   [230, 60, 220], [40, 215, 230], [250, 140, 20], [250, 250, 250]], dtype=np.float32)
+BACKGROUNDS = np.array([[25, 25, 30], [90, 90, 100], [30, 40, 90], [95, 60, 40]], dtype=np.float32)
+# every attribute and its number of discrete values (shape = the class label)
+ATTRIBUTES = {"shape": 6, "color": 8, "background": 4, "size": 3, "x": 3, "y": 3, "rotation": 4}
+
+
+def _shape_masks(kind, u, v, r):
+    """Coverage (N, P) of each image's shape in rotated, centred pixel coordinates u, v (N, P), radius r (N, 1).
+    Every shape is evaluated for every image and the right one picked: branch-free and fast in torch."""
+    rad = torch.sqrt(u * u + v * v)
+    tri = torch.stack([u * np.cos(a) + v * np.sin(a) for a in np.pi / 2 + np.arange(3) * 2 * np.pi / 3]).amax(0)
+    au, av = u.abs(), v.abs()
+    masks = torch.stack([
+        rad <= r,                                                        # circle
+        torch.maximum(au, av) <= 0.8 * r,                                # square
+        tri <= 0.5 * r,                                                  # equilateral triangle, inradius r/2
+        ((au <= 0.3 * r) & (av <= r)) | ((av <= 0.3 * r) & (au <= r)),   # cross
+        (rad <= r) & (rad >= 0.55 * r),                                  # ring
+        rad <= r * (0.6 + 0.4 * torch.cos(5 * torch.atan2(v, u))),       # five-petal flower
+    ])                                                                   # (6, N, P)
+    return masks.gather(0, kind.view(1, -1, 1).expand(1, *u.shape))[0]
+
+
+def make_shapes(n, seed=0, size=32, supersample=2):
+    """n images (n, size, size, 3) uint8 and a dict of int64 attribute labels (n,), deterministic in seed.
+    All randomness comes from numpy's seeded generator; rendering is float32 torch (2x2 supersampled)."""
+    rng = np.random.default_rng(seed)
+    a = {k: rng.integers(0, v, n) for k, v in ATTRIBUTES.items()}
+    # continuous values inside each discrete bin, so the labels are exact functions of the image
+    f32 = lambda x: torch.from_numpy(np.asarray(x, dtype=np.float32))
+    radius = f32((0.18 + 0.08 * (a["size"] + rng.random(n))) * size)    # 0.18..0.42 of the side
+    cx = f32((0.3 + 0.4 * (a["x"] + rng.random(n)) / 3) * size)          # centre in the middle 40%
+    cy = f32((0.3 + 0.4 * (a["y"] + rng.random(n)) / 3) * size)
+    theta = f32((a["rotation"] + rng.random(n)) * (np.pi / 2) / 4)      # 0..90 degrees in 4 bins
+    fg = f32(COLORS[a["color"]] * (0.85 + 0.15 * rng.random((n, 1))))
+    bg0 = f32(BACKGROUNDS[a["background"]])
+    bg1 = bg0 + f32(40 * rng.random((n, 3)))
+    gdir = f32(rng.random(n) * 2 * np.pi)                                # gradient direction
+    kind = torch.from_numpy(a["shape"])
+
+    s = size * supersample
+    g = (torch.arange(s, dtype=torch.float32) + 0.5) / supersample
+    yy, xx = torch.meshgrid(g, g, indexing="ij")
+    xx, yy = xx.reshape(1, -1), yy.reshape(1, -1)                        # (1, P)
+    out = torch.empty((n, 3, size, size), dtype=torch.uint8)
+    for i in range(0, n, 500):  # chunks keep memory small
+        j = slice(i, min(i + 500, n))
+        dx, dy = xx - cx[j, None], yy - cy[j, None]
+        c, sn = torch.cos(theta[j])[:, None], torch.sin(theta[j])[:, None]
+        mask = _shape_masks(kind[j], c * dx + sn * dy, -sn * dx + c * dy, radius[j, None])[:, None]  # (N,1,P)
+        w = torch.cos(gdir[j])[:, None] * xx + torch.sin(gdir[j])[:, None] * yy                      # (N, P)
+        w = ((w - w.amin(1, keepdim=True)) / (w.amax(1, keepdim=True) - w.amin(1, keepdim=True)))[:, None]
+        bg = bg0[j, :, None] * (1 - w) + bg1[j, :, None] * w                                          # (N,3,P)
+        img = torch.where(mask, fg[j, :, None], bg).view(-1, 3, s, s)
+        img = torch.nn.functional.avg_pool2d(img, supersample)          # box-filter antialias
+        out[j] = img.round().clamp(0, 255).to(torch.uint8)
+    return out.permute(0, 2, 3, 1).numpy(), a
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """In-memory uint8 images (N, H, W, 3) with labels; random horizontal flip if asked."""
+
+    def __init__(self, images, labels, num_classes, class_names, flip=False, attrs=None):
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.num_classes, self.class_names, self.flip, self.attrs = num_classes, class_names, flip, attrs
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        x = self.images[i].float() / 255.0
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, self.labels[i]
+
+
+def shapes_dataset(split="train", n=None):
+    """The built-in dataset: 20k train / 10k test images, fixed seeds, no flips (shapes are not symmetric
+    under a flip together with their attribute labels, and the data is unlimited anyway)."""
+    n = n or (20000 if split == "train" else 10000)
+    imgs, attrs = make_shapes(n, seed=0 if split == "train" else 1)
+    return ArrayDataset(imgs, attrs["shape"], len(SHAPES), SHAPES, attrs=attrs)
+
+
+# -----------------------------------------------------------------------------
+# CIFAR-10 (python version), md5 from the dataset's home page
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def cifar10_dataset(split="train"):
+    path = download(CIFAR10_URL, os.path.join(cache_dir(), "cifar-10-python.tar.gz"), "md5", CIFAR10_MD5)
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    xs, ys = [], []
+    with tarfile.open(path, "r:gz") as tar:
+        for name in names:
+            d = pickle.load(tar.extractfile(f"cifar-10-batches-py/{name}"), encoding="latin1")
+            xs.append(d["data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            ys.extend(d["labels"])
+    return ArrayDataset(np.concatenate(xs), ys, 10, CIFAR10_CLASSES, flip=split == "train")
+
+
+# -----------------------------------------------------------------------------
+# image folders
+
+def is_image(name):
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS  # case-insensitive: .JPEG counts
+
+
+def list_images(root):
+    """All image files below root (recursive), sorted."""
+    out = []
+    for d, _, files in os.walk(root, followlinks=True):
+        out += [os.path.join(d, f) for f in files if is_image(f)]
+    return sorted(out)
+
+
+def center_crop_arr(img, size):
+    """ADM's center crop: halve with BOX while too big, resize with BICUBIC so the short side is `size`,
+    then crop the center (guided-diffusion image_datasets.py; used by DiT, SiT, UNITE)."""
+    while min(*img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = size / min(*img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top:top + size, left:left + size]
+
+
+def load_image(path, size=None):
+    """(H, W, 3) uint8 of an image file, RGB-converted, center-cropped to size if given."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            return center_crop_arr(im, size) if size else np.asarray(im)
+    except Exception as e:
+        raise DataError(f"corrupt or unreadable image file {path}: {type(e).__name__}") from None
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """ImageFolder (root/class_x/*.png -> conditional) or flat folder (root/*.png -> unconditional)."""
+
+    def __init__(self, root, resolution, flip=True):
+        if not os.path.isdir(root):
+            raise DataError(f"data folder not found: {root}")
+        subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        top_images = [f for f in os.listdir(root) if is_image(f)]
+        if subdirs and not top_images:  # ImageFolder
+            self.class_names, self.files, labels = subdirs, [], []
+            for k, d in enumerate(subdirs):
+                fs = list_images(os.path.join(root, d))
+                self.files += fs
+                labels += [k] * len(fs)
+        else:  # flat folder: one (null-less) class, i.e. unconditional
+            self.class_names, self.files = [], list_images(root)
+            labels = [0] * len(self.files)
+        if not self.files:
+            raise DataError(f"no image files in {root} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        self.labels = torch.tensor(labels, dtype=torch.long)
+        self.num_classes = max(1, len(self.class_names))
+        self.resolution, self.flip = resolution, flip
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        arr = load_image(self.files[i], self.resolution)
+        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 255.0
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, self.labels[i]
+
+
+def get_dataset(name, resolution=32, split="train"):
+    """'shapes' | 'cifar10' | a folder path. Returns a Dataset with .num_classes and .class_names."""
+    if name == "shapes":
+        ds = shapes_dataset(split)
+    elif name == "cifar10":
+        ds = cifar10_dataset(split)
+    else:
+        return FolderDataset(name, resolution)
+    if ds.images.shape[-1] != resolution:
+        raise DataError(f"--data {name} is {ds.images.shape[-1]}x{ds.images.shape[-1]}, the model expects "
+                        f"{resolution}x{resolution}: pick a model preset of that image size")
+    return ds
