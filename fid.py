@@ -1,24 +1,25 @@
 """
 FID (equal to pytorch-fid), Inception Score, and FD-shapes, an offline Frechet distance for the built-in data.
 
-    python fid.py samples/ cifar10-train          # FID-N of a folder against CIFAR-10 train
-    python fid.py samples/ VIRTUAL_imagenet256_labeled.npz --is
-    python fid.py cifar10-train --save-stats cifar10_train.npz
-    python fid.py samples/ shapes-test --metric fd-shapes
+    python fid.py samples/ cifar10-train                  # FID-N of a folder of images against CIFAR-10 train
+    python fid.py samples/ VIRTUAL_imagenet256_labeled.npz --is   # against ADM's reference mu/sigma, plus IS
+    python fid.py cifar10-train --save-stats cifar10_train.npz     # reference stats, pytorch-fid's npz format
+    python fid.py samples/ shapes-test --metric fd-shapes          # offline, built-in data only
 
 Protocol (pytorch-fid's): images as floats in [0, 1] -> bilinear resize to 299x299 (align_corners=False) -> 2x-1
 -> the TF 2015-12-05 Inception v3 as pytorch-fid ports it -> 2048-d pool3 features -> mu, sigma in float64 ->
 FD = |mu1-mu2|^2 + tr(s1) + tr(s2) - 2 tr((s1 s2)^1/2). No scipy.linalg.sqrtm: tr((s1 s2)^1/2) is the sum of
-square roots of the eigenvalues of the symmetric F^T s2 F, with F F^T = s1 (Cholesky; eigh if s1 is singular).
-FID is biased upward at small N: always quote N (FID-10000, FID-50000) and compare only at equal N.
+square roots of the eigenvalues of the symmetric F^T s1 F, with F F^T = s2 (Cholesky; eigh if s2 is singular).
+FID is biased upward at small N: quote N (FID-10000, FID-50000) and compare only at equal N. Stats made by
+another pipeline (ADM's reference batches come from the TF graph) are close to, not identical with, ours.
 Inception Score: softmax over all 1008 logits without the fc bias, 10 splits in order (openai/improved-gan's
 inception_score.py; torch-fidelity's "logits_unbiased" is the same, but it shuffles before splitting).
 
 FD-shapes: the Inception weights may be unavailable offline, so for the built-in "shapes" data we train (once,
-deterministically, ~1 min on one core, cached) a small CNN on the shape labels and compare its 256-d penultimate
-features. It is NOT FID and is not comparable with any published number. Scale, vs the 10k test-split stats:
-real train images give ~0.33 at N=10000 and ~1.5 at N=2000 (the floor of a perfect generator at that N); a
-single repeated image gives ~1100, a 2x-blurred test set ~36 and a colour-channel swap ~240.
+deterministically, ~50 s on one core, cached) a small CNN on the attribute labels and compare its 256-d
+penultimate features. It is NOT FID and is not comparable with any published number. Scale, against the 10k
+test-split stats: real train images give 10.0 at N=2000 and 3.6 at N=10000 (what a perfect generator gets at
+that N); colour channels rotated 83, 2x-blurred images 769, one image repeated 4568, uniform noise 22590.
 """
 import argparse
 import json
@@ -221,9 +222,19 @@ def feature_stats(features):
     return f.mean(0), np.cov(f, rowvar=False)
 
 
+def _psd_factor(s):
+    """F with F F^T = s: the Cholesky factor if s is positive definite (2x faster than eigh), else
+    s^1/2 = V sqrt(max(w, 0)) V^T from eigh (s singular, e.g. from fewer images than dimensions)."""
+    try:
+        return np.linalg.cholesky(s)
+    except np.linalg.LinAlgError:
+        w, V = np.linalg.eigh(s)
+        return (V * np.sqrt(np.clip(w, 0, None))) @ V.T
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """|mu1-mu2|^2 + tr(s1) + tr(s2) - 2 tr((s1 s2)^1/2) as a float. s1 s2 = F F^T s2 is similar to the symmetric
-    PSD M = F^T s2 F, so tr((s1 s2)^1/2) = sum sqrt(eig(M)): real, never fails, and no scipy.linalg.sqrtm."""
+    """|mu1-mu2|^2 + tr(s1) + tr(s2) - 2 tr((s1 s2)^1/2) as a float. s1 s2 = s1 F F^T is similar to the symmetric
+    PSD M = F^T s1 F, so tr((s1 s2)^1/2) = sum sqrt(eig(M)): real, never fails, and no scipy.linalg.sqrtm."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
@@ -231,12 +242,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
                         f"(stats from different feature networks?)")
     if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
         raise DataError("statistics contain NaN or inf")
-    try:  # F = Cholesky factor: 2x faster than eigh, but needs s1 positive definite (N > D)
-        root1 = np.linalg.cholesky(s1)
-    except np.linalg.LinAlgError:  # singular s1: F = s1^1/2 = V sqrt(max(w, 0)) V^T from eigh
-        w, V = np.linalg.eigh(s1)
-        root1 = (V * np.sqrt(np.clip(w, 0, None))) @ V.T
-    M = root1.T @ s2 @ root1
+    root2 = _psd_factor(s2)  # s2 is usually the reference, from many images: positive definite, fast path
+    M = root2.T @ s1 @ root2
     tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((M + M.T) / 2), 0, None)).sum()
     diff = mu1 - mu2
     fd = diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean
@@ -263,7 +270,7 @@ def inception_score(logits_or_probs, splits=10):
 
 
 # -----------------------------------------------------------------------------
-# feature extraction, sharded across DDP ranks
+# feature extraction, and gathering features across DDP ranks
 
 def _as_batch(items, net):
     """A list of (3, H, W) tensors (uint8 0..255 or floats in [0, 1]) -> (B, 3, H, W) floats in [0, 1]."""
@@ -274,8 +281,8 @@ def _as_batch(items, net):
         x = [F.interpolate(t[None], size=(299, 299), mode="bilinear", align_corners=False)[0] for t in x]
     x = torch.stack(x)
     if x.amin() < -1e-3 or x.amax() > 1 + 1e-3:
-        raise DataError(f"images must be in [0, 1], got values in [{x.amin():.2f}, {x.amax():.2f}]: map "
-                        f"[-1, 1] samples with (x + 1) / 2")
+        raise DataError(f"images must be in [0, 1], got values in [{x.amin():.2f}, {x.amax():.2f}]: clamp "
+                        f"them, or map [-1, 1] samples with (x + 1) / 2")
     return x
 
 
@@ -447,12 +454,12 @@ def run(args):
         raise DataError("give two inputs to compare, or one with --save-stats and/or --is")
     if args.inception_score and args.metric != "fid":
         raise DataError("--is needs --metric fid (it uses the Inception logits)")
+    inputs = [load_input(spec) for spec in args.inputs]  # all user errors before the slow work
+    if args.inception_score and isinstance(inputs[0], tuple):
+        raise DataError(f"--is needs images, but {args.inputs[0]} holds only statistics")
     net, stats, result = None, [], {"metric": "FID" if args.metric == "fid" else "FD-shapes"}
-    for k, spec in enumerate(args.inputs):
-        x = load_input(spec)
-        if isinstance(x, tuple):
-            if k == 0 and args.inception_score:
-                raise DataError(f"--is needs images, but {spec} holds only statistics")
+    for k, x in enumerate(inputs):
+        if isinstance(x, tuple):  # precomputed (mu, sigma)
             stats.append(x)
             continue
         if net is None:  # built only when some input is images, so .npz-vs-.npz works offline
