@@ -6,10 +6,11 @@ Datasets and downloads shared by train.py, sample.py, fid.py and sendvae.py.
   background; every attribute is also returned as a discrete label (the Send-VAE attribute probe uses them).
 - `cifar10`: the CIFAR-10 python archive, downloaded once into the cache dir (md5-checked).
 - a folder: ImageFolder (one sub-folder per class, class-conditional) or a flat folder of images
-  (unconditional), ADM center crop + random horizontal flip, as DiT/ADM/UNITE's data loaders.
+  (unconditional), ADM center crop (+ random horizontal flip in train.py), as DiT/ADM/UNITE's data loaders.
 
 Images are float tensors in [0, 1], shape (3, H, W), as UNITE's code trains on them (no mean/std).
 """
+import functools
 import hashlib
 import os
 import pickle
@@ -78,6 +79,25 @@ def download(url, path, algo, digest):
 
 
 # -----------------------------------------------------------------------------
+# writing images: atomic, so an interrupted run never leaves a half-written PNG
+
+def save_png(x, path):
+    """x (3, H, W) float in [0, 1] -> PNG, written under a temp name then renamed."""
+    arr = (x.detach().permute(1, 2, 0).cpu().float().numpy() * 255).round().clip(0, 255).astype(np.uint8)
+    Image.fromarray(arr).save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
+
+
+def save_grid(images, path, nrow):
+    """images (N, 3, H, W) in [0, 1] -> one PNG grid, nrow images per row (white padding)."""
+    N, C, H, W = images.shape
+    rows = -(-N // nrow)
+    grid = torch.ones(rows * nrow, C, H, W)
+    grid[:N] = images.detach().cpu().float()
+    save_png(grid.view(rows, nrow, C, H, W).permute(2, 0, 3, 1, 4).reshape(C, rows * H, nrow * W), path)
+
+
+# -----------------------------------------------------------------------------
 # built-in procedural dataset: "shapes"
 
 SHAPES = ["circle", "square", "triangle", "cross", "ring", "flower"]
@@ -142,26 +162,25 @@ def make_shapes(n, seed=0, size=32, supersample=2):
 
 
 class ArrayDataset(torch.utils.data.Dataset):
-    """In-memory uint8 images (N, H, W, 3) with labels; random horizontal flip if asked."""
+    """In-memory uint8 images (N, H, W, 3) with labels. Datasets never flip: `hflip` tells train.py whether a
+    random horizontal flip is a valid augmentation, and train.py draws it per global sample (see draw_noise)."""
 
-    def __init__(self, images, labels, num_classes, class_names, flip=False, attrs=None):
+    def __init__(self, images, labels, num_classes, class_names, hflip=False, attrs=None):
         self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
         self.labels = torch.as_tensor(labels, dtype=torch.long)
-        self.num_classes, self.class_names, self.flip, self.attrs = num_classes, class_names, flip, attrs
+        self.num_classes, self.class_names, self.hflip, self.attrs = num_classes, class_names, hflip, attrs
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, i):
-        x = self.images[i].float() / 255.0
-        if self.flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x, self.labels[i]
+        return self.images[i].float() / 255.0, self.labels[i]
 
 
+@functools.lru_cache(maxsize=4)  # read-only, so one copy per process serves every caller
 def shapes_dataset(split="train", n=None):
-    """The built-in dataset: 20k train / 10k test images, fixed seeds, no flips (shapes are not symmetric
-    under a flip together with their attribute labels, and the data is unlimited anyway)."""
+    """The built-in dataset: 20k train / 10k test images, fixed seeds, no flips (a flip would break the
+    x-position attribute label, and more data is one argument away)."""
     n = n or (20000 if split == "train" else 10000)
     imgs, attrs = make_shapes(n, seed=0 if split == "train" else 1)
     return ArrayDataset(imgs, attrs["shape"], len(SHAPES), SHAPES, attrs=attrs)
@@ -184,7 +203,7 @@ def cifar10_dataset(split="train"):
             d = pickle.load(tar.extractfile(f"cifar-10-batches-py/{name}"), encoding="latin1")
             xs.append(d["data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
             ys.extend(d["labels"])
-    return ArrayDataset(np.concatenate(xs), ys, 10, CIFAR10_CLASSES, flip=split == "train")
+    return ArrayDataset(np.concatenate(xs), ys, 10, CIFAR10_CLASSES, hflip=True)
 
 
 # -----------------------------------------------------------------------------
@@ -209,7 +228,7 @@ def center_crop_arr(img, size):
         img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
     scale = size / min(*img.size)
     img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
-    arr = np.asarray(img)
+    arr = np.array(img)  # a writable copy (torch warns on read-only arrays)
     top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
     return arr[top:top + size, left:left + size]
 
@@ -219,7 +238,7 @@ def load_image(path, size=None):
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
-            return center_crop_arr(im, size) if size else np.asarray(im)
+            return center_crop_arr(im, size) if size else np.array(im)
     except Exception as e:
         raise DataError(f"corrupt or unreadable image file {path}: {type(e).__name__}") from None
 
@@ -227,7 +246,9 @@ def load_image(path, size=None):
 class FolderDataset(torch.utils.data.Dataset):
     """ImageFolder (root/class_x/*.png -> conditional) or flat folder (root/*.png -> unconditional)."""
 
-    def __init__(self, root, resolution, flip=True):
+    hflip = True
+
+    def __init__(self, root, resolution):
         if not os.path.isdir(root):
             raise DataError(f"data folder not found: {root}")
         subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
@@ -245,17 +266,14 @@ class FolderDataset(torch.utils.data.Dataset):
             raise DataError(f"no image files in {root} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
         self.labels = torch.tensor(labels, dtype=torch.long)
         self.num_classes = max(1, len(self.class_names))
-        self.resolution, self.flip = resolution, flip
+        self.resolution = resolution
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
         arr = load_image(self.files[i], self.resolution)
-        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 255.0
-        if self.flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x, self.labels[i]
+        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 255.0, self.labels[i]
 
 
 def get_dataset(name, resolution=32, split="train"):

@@ -1,0 +1,493 @@
+"""
+UNITE: one transformer, the Generative Encoder (GE), is both the image tokenizer and the latent denoiser.
+"End-to-End Training for Unified Tokenization and Latent Denoising", Duggal, Bai et al., arXiv 2603.22283.
+Definitions only: blocks, the GE, the ViT decoder, the losses, the samplers, and the size presets.
+
+Time convention, used everywhere in this repo (as in UNITE's code): t = 1 is clean data, t = 0 is pure noise,
+    z_t = t * z0 + (1 - t) * eps,    eps ~ N(0, I),    velocity v = dz_t/dt = z0 - eps.
+The GE predicts x (= z0) and the velocity is recovered as v = (x_hat - z_t) / max(1 - t, 0.05).
+The null class (for classifier-free guidance) is index `num_classes`.
+
+Where the paper text and the released code differ, this file follows the code and says so.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+# -----------------------------------------------------------------------------
+# small helpers
+
+def modulate(x, shift, scale):
+    """adaLN: x (B, T, D), shift/scale (B, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def sincos_1d(dim, positions):
+    """Fixed sin-cos embedding (len(positions), dim), as MAE/DiT."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    out = positions.double()[:, None] * omega[None]
+    return torch.cat([out.sin(), out.cos()], dim=1).float()
+
+
+def sincos_2d(dim, grid):
+    """Fixed 2-D sin-cos embedding (grid*grid, dim): half the channels for rows, half for columns."""
+    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    return torch.cat([sincos_1d(dim // 2, xs.flatten()), sincos_1d(dim // 2, ys.flatten())], dim=1)
+
+
+def rope_tables(n_tokens, head_dim, n_identity=0, theta=10000.0):
+    """1-D RoPE cos/sin tables (n_identity + n_tokens, head_dim) with interleaved pairs ("lang" frequencies,
+    as UNITE's VisionRotaryEmbeddingFast). The first n_identity rows (in-context class tokens) get cos=1, sin=0."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)        # (hd/2,)
+    ang = torch.arange(n_tokens).float()[:, None] * freqs[None]                     # (T, hd/2)
+    ang = ang.repeat_interleave(2, dim=1)                                            # (T, hd)
+    cos = torch.cat([torch.ones(n_identity, head_dim), ang.cos()])
+    sin = torch.cat([torch.zeros(n_identity, head_dim), ang.sin()])
+    return cos, sin
+
+
+def apply_rope(x, cos, sin):
+    """x (B, H, T, hd); rotate each interleaved pair (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    rot = torch.stack([-x2, x1], dim=-1).flatten(-2)
+    return x * cos.to(x.dtype) + rot * sin.to(x.dtype)
+
+
+# -----------------------------------------------------------------------------
+# Generative Encoder blocks (DiT / LightningDiT style, as UNITE's modules/encoder.py)
+
+class Attention(nn.Module):
+    """Multi-head self-attention with QK-RMSNorm and 1-D RoPE, through F.scaled_dot_product_attention."""
+
+    def __init__(self, dim, heads, qk_norm=True):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, rope=None):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3x (B,H,T,hd)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        x = F.scaled_dot_product_attention(q, k.to(v.dtype), v.to(q.dtype) if q.dtype != v.dtype else v)
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))                                        # (B, T, D)
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU MLP with hidden = int(2/3 * 4 * dim) (2048 for dim 768), so it costs as much as a 4x GELU MLP."""
+
+    def __init__(self, dim):
+        super().__init__()
+        hidden = int(2 / 3 * 4 * dim)
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+class Block(nn.Module):
+    """Pre-norm block: RMSNorm -> adaLN -> attn -> gated residual; same for the MLP; then a per-block RMSNorm of
+    the residual stream ("block norm", kept by the paper for stability, Tab. 7b)."""
+
+    def __init__(self, dim, heads, qk_norm=True, block_norm=True):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(dim, eps=1e-6), nn.RMSNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads, qk_norm)
+        self.mlp = SwiGLU(dim)
+        self.norm3 = nn.RMSNorm(dim, eps=1e-6) if block_norm else nn.Identity()
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c, rope):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=1)  # 6x (B, D)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
+        x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return self.norm3(x)
+
+
+class FourierTimeEmbed(nn.Module):
+    """Gaussian-Fourier features of t in [0, 1] (not x1000): fixed W ~ N(0, 1), sin/cos(2 pi t W) -> MLP."""
+
+    def __init__(self, dim, n_freq=256):
+        super().__init__()
+        self.register_buffer("W", torch.randn(n_freq))  # fixed at init, saved in the checkpoint
+        self.mlp = nn.Sequential(nn.Linear(2 * n_freq, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        ang = 2 * math.pi * t.float()[:, None] * self.W[None]                           # (B, n_freq)
+        return self.mlp(torch.cat([ang.sin(), ang.cos()], dim=1))                       # (B, D)
+
+
+# -----------------------------------------------------------------------------
+# configuration
+
+@dataclass
+class UniteConfig:
+    image_size: int = 256
+    patch_size: int = 16            # image patch for the tokenizer; the decoder uses the same patch
+    latent_dim: int = 32            # C: channels per latent token
+    enc_depth: int = 12
+    enc_width: int = 768
+    enc_heads: int = 12
+    dec_depth: int = 12
+    dec_width: int = 768
+    dec_heads: int = 12
+    num_classes: int = 1000         # null class = num_classes
+    in_context_len: int = 32        # class tokens prepended from block in_context_start on (0 = off)
+    in_context_start: int = 4
+    qk_norm: bool = True
+    block_norm: bool = True
+    class_dropout: float = 0.1      # label dropout in the denoising pass, for CFG
+    recon_t_max: float = 0.01       # tokenizer pass uses t ~ U[0, 0.01): the max-noise end (code's config)
+    noise_aug_prob: float = 0.5     # decoder-input noise augmentation on half the batch ...
+    noise_aug_min: float = 0.7      # ... with s ~ U[0.7, 1] (Tab. 7c)
+    flow_copies: int = 14           # K noised copies per image (A1 Tab. 8; the code's config has 3)
+    time_shift: float = 0.5         # alpha of t' = a t / (1 + (a - 1) t) (Tab. 7e)
+    t_eps: float = 0.05             # (1 - t) clamp in the velocity
+    separate: bool = False          # Tab. 7a: separate tokenizer and denoiser weights
+    no_stopgrad: bool = False       # Tab. 7a: let the flow loss reach the tokenizer pass through z0
+    grad_checkpoint: bool = False   # recompute GE blocks in the denoising pass (memory for large K)
+
+    @property
+    def grid(self):
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self):           # latent registers = image patches (256 at 256 px, patch 16)
+        return self.grid ** 2
+
+
+# -----------------------------------------------------------------------------
+# the Generative Encoder
+
+class GenerativeEncoder(nn.Module):
+    """One transformer, two modes on the same weights:
+      tokenize(images)   -> z0 (B, K, C): registers start as Gaussian noise, t ~ U[0, 0.01), null class,
+                            image patch tokens appended after the registers (patches are dropped at the end).
+      denoise(z_t, t, y) -> x-prediction (B, K, C) of z0.
+    Both outputs go through the same affine LayerNorm(C) (the paper's "final normalization", Tab. 7b)."""
+
+    def __init__(self, cfg: UniteConfig, with_patch_embed=True):
+        super().__init__()
+        self.cfg = cfg
+        D, K = cfg.enc_width, cfg.num_tokens
+        self.patch_embed = nn.Conv2d(3, D, cfg.patch_size, cfg.patch_size) if with_patch_embed else None
+        # In the released code the image patches get no absolute position embedding (its MAE pos-emb buffer
+        # stays zero): patch positions come only from RoPE, in raster order after the registers.
+        self.latent_in = nn.Linear(cfg.latent_dim, D)
+        self.latent_pos = nn.Parameter(sincos_1d(D, torch.arange(K)).unsqueeze(0))   # learned, sin-cos init
+        self.t_embed = FourierTimeEmbed(D)
+        self.y_embed = nn.Embedding(cfg.num_classes + 1, D)                           # + null class
+        self.in_context_pos = nn.Parameter(torch.randn(1, cfg.in_context_len, D) * 0.02) if cfg.in_context_len else None
+        self.blocks = nn.ModuleList(Block(D, cfg.enc_heads, cfg.qk_norm, cfg.block_norm)
+                                    for _ in range(cfg.enc_depth))
+        self.final_norm = nn.RMSNorm(D, eps=1e-6)
+        self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
+        self.final_linear = nn.Linear(D, cfg.latent_dim)
+        self.out_norm = nn.LayerNorm(cfg.latent_dim)                                  # affine, on every output
+        hd = D // cfg.enc_heads
+        max_tokens = 2 * K  # registers + patches
+        for name, n_id in (("rope", 0), ("rope_ic", cfg.in_context_len)):
+            cos, sin = rope_tables(max_tokens, hd, n_id)
+            self.register_buffer(name + "_cos", cos, persistent=False)
+            self.register_buffer(name + "_sin", sin, persistent=False)
+        self.init_weights()
+
+    def init_weights(self):
+        # as UNITE's Encoder.initialize_weights: xavier Linear, zero bias, N(0, .02) tables, adaLN-Zero
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.y_embed.weight, std=0.02)
+        nn.init.normal_(self.t_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
+        for blk in self.blocks:
+            nn.init.zeros_(blk.adaLN[-1].weight)
+            nn.init.zeros_(blk.adaLN[-1].bias)
+        for m in (self.final_adaLN[-1], self.final_linear):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, z, t, y, images=None):
+        """z (B, K, C) registers, t (B,) in [0,1], y (B,) labels (num_classes = null), images (B, 3, H, W) or None.
+        Returns the LayerNorm-ed register outputs (B, K, C)."""
+        cfg, K = self.cfg, z.shape[1]
+        x = self.latent_in(z) + self.latent_pos                                       # (B, K, D)
+        if images is not None:
+            p = self.patch_embed(images).flatten(2).transpose(1, 2)                   # (B, P, D)
+            x = torch.cat([x, p], dim=1)                                              # (B, K+P, D)
+        y_emb = self.y_embed(y)                                                       # (B, D)
+        c = self.t_embed(t) + y_emb                                                   # (B, D) drives every adaLN
+        T, L = x.shape[1], cfg.in_context_len
+        rope = (self.rope_cos[:T], self.rope_sin[:T])
+        for i, blk in enumerate(self.blocks):
+            if L > 0 and i == cfg.in_context_start:
+                # in-context class tokens: y_emb + learned positions, identity RoPE (cos 1, sin 0)
+                x = torch.cat([y_emb.unsqueeze(1) + self.in_context_pos, x], dim=1)  # (B, L+T, D)
+                rope = (self.rope_ic_cos[:L + T], self.rope_ic_sin[:L + T])
+            if cfg.grad_checkpoint and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, c, rope, use_reentrant=False)
+            else:
+                x = blk(x, c, rope)
+        if L > 0 and cfg.in_context_start < len(self.blocks):
+            x = x[:, L:]                                                              # drop class tokens
+        x = x[:, :K]                                                                  # keep the registers
+        shift, scale = self.final_adaLN(c).chunk(2, dim=1)
+        x = self.final_linear(modulate(self.final_norm(x), shift, scale))            # (B, K, C)
+        return self.out_norm(x.float())                                               # LayerNorm in fp32
+
+    def tokenize(self, images):
+        """Pass 1: image -> z0 (B, K, C). Registers = fresh noise, t ~ U[0, recon_t_max), class = null."""
+        B, cfg = images.shape[0], self.cfg
+        noise = torch.randn(B, cfg.num_tokens, cfg.latent_dim, device=images.device)
+        t = torch.rand(B, device=images.device) * cfg.recon_t_max
+        null = torch.full((B,), cfg.num_classes, device=images.device, dtype=torch.long)
+        return self(noise, t, null, images)
+
+    def denoise(self, z_t, t, y):
+        """Pass 2 / sampling: noised latent -> LayerNorm-ed x-prediction of z0 (B, K, C)."""
+        return self(z_t, t, y)
+
+
+# -----------------------------------------------------------------------------
+# ViT decoder (MAE style, as UNITE's modules/decoder.py)
+
+class ViTBlock(nn.Module):
+    """Plain pre-LN ViT block: LN -> MHSA (qkv bias) -> residual; LN -> GELU MLP x4 -> residual."""
+
+    def __init__(self, dim, heads, mlp_ratio=4.0, eps=1e-6):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps)
+        self.attn = nn.ModuleDict(dict(qkv=nn.Linear(dim, 3 * dim), proj=nn.Linear(dim, dim)))
+        self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(dim, int(dim * mlp_ratio)), fc2=nn.Linear(int(dim * mlp_ratio), dim)))
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.attn.qkv(self.norm1(x)).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, D)
+        x = x + self.attn.proj(a)
+        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
+
+
+class Decoder(nn.Module):
+    """Latent (B, K, C) -> image (B, 3, H, W) in [0, 1] (no output activation; clamp only at eval).
+    The released code maps C -> 768 -> D with two consecutive Linear layers; they compose to one linear map,
+    so here it is one Linear(C, D)."""
+
+    def __init__(self, cfg: UniteConfig):
+        super().__init__()
+        D, p = cfg.dec_width, cfg.patch_size
+        self.cfg = cfg
+        self.embed = nn.Linear(cfg.latent_dim, D)
+        self.cls = nn.Parameter(torch.zeros(1, 1, D))
+        pos = torch.cat([torch.zeros(1, D), sincos_2d(D, cfg.grid)])                 # CLS slot = 0
+        self.register_buffer("pos", pos.unsqueeze(0), persistent=False)              # (1, 1+K, D) fixed
+        self.blocks = nn.ModuleList(ViTBlock(D, cfg.dec_heads, eps=1e-12) for _ in range(cfg.dec_depth))
+        self.norm = nn.LayerNorm(D, eps=1e-12)
+        self.head = nn.Linear(D, p * p * 3)
+
+    def forward(self, z):
+        B, g, p = z.shape[0], self.cfg.grid, self.cfg.patch_size
+        x = torch.cat([self.cls.expand(B, -1, -1), self.embed(z)], dim=1) + self.pos  # (B, 1+K, D)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.head(self.norm(x))[:, 1:]                                            # (B, K, p*p*3)
+        x = x.reshape(B, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4)                      # (B, 3, g, p, g, p)
+        return x.reshape(B, 3, g * p, g * p).float()
+
+
+# -----------------------------------------------------------------------------
+# UNITE: the two passes and their losses
+
+def draw_noise(cfg: UniteConfig, B, device=None, generator=None):
+    """All the randomness of one training step for B images, batch axis first (so a DDP rank can take its slice
+    of the global batch's draw, and the run does not depend on the number of GPUs)."""
+    K, T, C = cfg.flow_copies, cfg.num_tokens, cfg.latent_dim
+    rand = lambda *s: torch.rand(*s, device=device, generator=generator)
+    randn = lambda *s: torch.randn(*s, device=device, generator=generator)
+    return dict(
+        flip=rand(B) < 0.5,                                      # horizontal flip (data augmentation)
+        registers=randn(B, T, C),                                # tokenizer pass: registers start as noise
+        recon_t=rand(B) * cfg.recon_t_max,                       # tokenizer pass: t ~ U[0, 0.01)
+        aug_mask=rand(B) < cfg.noise_aug_prob,                   # decoder-input noise on half the batch ...
+        aug_s=cfg.noise_aug_min + (1 - cfg.noise_aug_min) * rand(B),  # ... s ~ U[0.7, 1]
+        aug_eps=randn(B, T, C),
+        flow_t=sample_t(randn(B, K), cfg.time_shift),            # K noised copies per image
+        flow_eps=randn(B, K, T, C),
+        drop=rand(B, K) < cfg.class_dropout,                     # label dropout for CFG
+    )
+
+
+def sample_t(normal, shift):
+    """Training t from standard normals: logit-normal(0, 1), then shifted t' = a t / (1 + (a-1) t); a = 0.5
+    pushes t toward noise (t=0), median 0.5 -> 0.33 (code's modules/denoiser.py; the paper text says U[0, 1])."""
+    t = torch.sigmoid(normal)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def noise_augment(z, noise):
+    """Decoder-input noise: z~ = s z + (1 - s) eps with s ~ U[0.7, 1] on a random half of the samples (code;
+    the paper text writes z + 0.7 eps). Gradients flow through both branches."""
+    s = noise["aug_s"][:, None, None]
+    return torch.where(noise["aug_mask"][:, None, None], s * z + (1 - s) * noise["aug_eps"], z)
+
+
+def flow_loss(denoiser, z0, y, noise, cfg: UniteConfig):
+    """Pass 2 on K noised copies of z0 (B, T, C), fused into one batch of B*K sequences.
+    x-prediction trained with the velocity-space MSE: mean[((z0 - x_hat) / max(1 - t, 0.05))^2].
+    As in the code, the K per-copy batch means are SUMMED (never divided by K)."""
+    B, K = z0.shape[0], cfg.flow_copies
+    zd = z0.unsqueeze(1).expand(B, K, *z0.shape[1:]).reshape(B * K, *z0.shape[1:])  # (B*K, T, C)
+    t = noise["flow_t"].reshape(B * K)
+    yd = torch.where(noise["drop"], cfg.num_classes, y.unsqueeze(1)).reshape(B * K)  # null = num_classes
+    z_t = t[:, None, None] * zd + (1 - t[:, None, None]) * noise["flow_eps"].reshape(zd.shape)
+    x_hat = denoiser.denoise(z_t, t, yd)
+    w = (1 - t).clamp_min(cfg.t_eps)[:, None, None]
+    per_sample = (((zd - x_hat) / w) ** 2).mean(dim=(1, 2))                          # (B*K,)
+    return per_sample.mean() * K                                                      # = sum over copies
+
+
+class UNITE(nn.Module):
+    """The whole model: Generative Encoder (+ a separate denoiser if cfg.separate) and the decoder.
+    forward(images, labels, noise) runs one training step's two passes and returns (loss, stats)."""
+
+    def __init__(self, cfg: UniteConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = GenerativeEncoder(cfg)
+        self.denoiser_ = GenerativeEncoder(cfg, with_patch_embed=False) if cfg.separate else None
+        self.decoder = Decoder(cfg)
+
+    @property
+    def denoiser(self):
+        return self.denoiser_ if self.denoiser_ is not None else self.encoder
+
+    def forward(self, images, labels, noise=None):
+        cfg = self.cfg
+        if noise is None:
+            noise = draw_noise(cfg, images.shape[0], images.device)
+        null = torch.full_like(labels, cfg.num_classes)
+        z0 = self.encoder(noise["registers"], noise["recon_t"], null, images)        # pass 1: (B, T, C)
+        recon = self.decoder(noise_augment(z0, noise))
+        rec = F.l1_loss(recon, images.float())                                        # L1 on [0, 1] images
+        zd = z0 if cfg.no_stopgrad else z0.detach()                                   # stop-grad (Tab. 7a)
+        flow = flow_loss(self.denoiser, zd.float(), labels, noise, cfg)               # pass 2
+        return rec + flow, {"recon": rec.detach(), "flow": flow.detach()}
+
+    @torch.no_grad()
+    def reconstruct(self, images):
+        return self.decoder(self.encoder.tokenize(images)).clamp(0, 1)
+
+
+# -----------------------------------------------------------------------------
+# samplers: fixed-step Euler / Heun on the shifted grid, CFG on the LayerNorm-ed x-prediction
+
+def time_grid(steps, shift, device=None):
+    """steps+1 times from 0 (noise) to 1 (clean), warped by the same shift as training."""
+    t = torch.linspace(0, 1, steps + 1, device=device, dtype=torch.float64)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def guided_x(denoiser, z, t, y, cfg_scale, cfg_min_t, null):
+    """x-prediction with classifier-free guidance applied to all channels of the full latent, on the
+    LayerNorm-ed cond/uncond predictions ("norm_first", as the code): u + w (c - u), only where t > cfg_min_t
+    (guidance interval: none on the noisiest part). One batched forward for both halves, same noise."""
+    tb = torch.full((z.shape[0],), float(t), device=z.device)
+    if cfg_scale == 1.0 or float(t) <= cfg_min_t:
+        return denoiser.denoise(z, tb, y)
+    out = denoiser.denoise(torch.cat([z, z]), torch.cat([tb, tb]), torch.cat([y, torch.full_like(y, null)]))
+    cond, uncond = out.chunk(2)
+    return uncond + cfg_scale * (cond - uncond)
+
+
+@torch.no_grad()
+def sample_latents(denoiser, noise, y, steps=50, method="heun", cfg_scale=1.0, cfg_min_t=0.1,
+                   shift=0.5, t_eps=0.05, null=None):
+    """Integrate dz/dt = v(z, t) from t=0 (noise) to t=1 (clean). Returns (z1 (B, K, C), NFE).
+    NFE counts denoiser calls per sample (a CFG call counts once; it evaluates 2 sequences)."""
+    null = denoiser.cfg.num_classes if null is None else null
+    ts = time_grid(steps, shift, noise.device)
+    z, nfe = noise.float(), 0
+
+    def v(z, t):
+        x_hat = guided_x(denoiser, z, t, y, cfg_scale, cfg_min_t, null).float()
+        return (x_hat - z) / max(1 - float(t), t_eps)
+
+    for i in range(steps):
+        t0, t1 = ts[i], ts[i + 1]
+        d0 = v(z, t0)
+        nfe += 1
+        if method == "euler":
+            z = z + (t1 - t0).item() * d0
+        elif method == "heun":  # trapezoid: average the slopes at both ends
+            z1 = z + (t1 - t0).item() * d0
+            z = z + (t1 - t0).item() * 0.5 * (d0 + v(z1, t1))
+            nfe += 1
+        else:
+            raise ValueError(f"unknown sampler {method!r}: use euler or heun")
+    return z, nfe
+
+
+def sample_noise(indices, seed, shape, device=None):
+    """Starting noise for samples by global index: sample i is the same on 1 or 8 GPUs and at any batch size."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
+                        for i in indices]).to(device)
+
+
+@torch.no_grad()
+def generate(model, indices, num_classes, seed=0, labels=None, decoder=None, **sampler):
+    """Images (N, 3, H, W) in [0, 1] for the given global sample indices; labels default to class-balanced
+    i % num_classes. `decoder` defaults to model.decoder (sendvae.py passes its VAE decoder). Returns (x, nfe)."""
+    cfg, dev = model.cfg, next(model.parameters()).device
+    y = torch.as_tensor(labels if labels is not None else [i % num_classes for i in indices], device=dev)
+    z, nfe = sample_latents(model.denoiser, sample_noise(indices, seed, (cfg.num_tokens, cfg.latent_dim), dev),
+                            y, shift=cfg.time_shift, t_eps=cfg.t_eps, **sampler)
+    return (decoder or model.decoder)(z).clamp(0, 1), nfe
+
+
+# -----------------------------------------------------------------------------
+# size presets: GE / decoder shapes. B = GE 12x768 (130.6M) + decoder 12x768 (86.2M); L and XL keep the B decoder.
+
+PRESETS = {
+    "tiny": dict(image_size=32, patch_size=8, latent_dim=16, enc_depth=6, enc_width=192, enc_heads=3,
+                 dec_depth=4, dec_width=192, dec_heads=3, in_context_len=4, in_context_start=2, flow_copies=4),
+    "micro": dict(image_size=32, patch_size=8, latent_dim=8, enc_depth=2, enc_width=64, enc_heads=2, dec_depth=1,
+                  dec_width=64, dec_heads=2, in_context_len=2, in_context_start=1, flow_copies=2),  # tests
+    "S": dict(enc_depth=12, enc_width=384, enc_heads=6, dec_depth=12, dec_width=384, dec_heads=6),
+    "B": dict(enc_depth=12, enc_width=768, enc_heads=12, dec_depth=12, dec_width=768, dec_heads=12),
+    "L": dict(enc_depth=24, enc_width=1024, enc_heads=16, dec_depth=12, dec_width=768, dec_heads=12),
+    "XL": dict(enc_depth=28, enc_width=1152, enc_heads=16, dec_depth=12, dec_width=768, dec_heads=12),
+}
+
+
+def make_config(name, **overrides):
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return UniteConfig(**{**PRESETS[name], **overrides})
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+if __name__ == "__main__":  # parameter table of the presets (meta device: nothing is allocated)
+    print(f"{'preset':<6} {'encoder':>10} {'decoder':>10} {'total':>10}   latent")
+    for name in PRESETS:
+        cfg = make_config(name)
+        with torch.device("meta"):
+            m = UNITE(cfg)
+        e, d = count_params(m.encoder), count_params(m.decoder)
+        print(f"{name:<6} {e / 1e6:>9.1f}M {d / 1e6:>9.1f}M {(e + d) / 1e6:>9.1f}M   "
+              f"{cfg.num_tokens}x{cfg.latent_dim} at {cfg.image_size}px")

@@ -1,0 +1,166 @@
+"""Model tests: shapes, parameter counts, the two GE modes, stop-grad, separate weights, overfitting, samplers.
+Run: python -m pytest tests/test_model.py -q"""
+import math
+
+import pytest
+import torch
+
+from model import (PRESETS, UNITE, count_params, draw_noise, flow_loss, guided_x, make_config, sample_latents,
+                   time_grid)
+
+
+def tiny_model(**kw):
+    torch.manual_seed(0)
+    return UNITE(make_config("micro", num_classes=5, **kw))
+
+
+def test_preset_parameter_counts():
+    # paper: GE-B 130.6M + decoder-B 86.2M; L 458.2M; XL 675.3M (code-computed, unite-paper.md 2.2/2.4)
+    expected = {"B": (130.6, 86.2), "L": (458.2, 86.2), "XL": (675.3, 86.2)}
+    for name, (enc, dec) in expected.items():
+        with torch.device("meta"):
+            m = UNITE(make_config(name))
+        assert abs(count_params(m.encoder) / 1e6 / enc - 1) < 0.02, name
+        assert abs(count_params(m.decoder) / 1e6 / dec - 1) < 0.02, name
+
+
+def test_unknown_preset():
+    with pytest.raises(KeyError, match="unknown model preset"):
+        make_config("XXL")
+
+
+@pytest.mark.parametrize("name", ["micro", "tiny"])
+def test_two_modes_shapes_and_output_norm(name):
+    cfg = make_config(name, num_classes=5)
+    m = UNITE(cfg).eval()
+    x = torch.rand(3, 3, cfg.image_size, cfg.image_size)
+    z0 = m.encoder.tokenize(x)
+    assert z0.shape == (3, cfg.num_tokens, cfg.latent_dim)
+    xp = m.encoder.denoise(torch.randn_like(z0), torch.rand(3), torch.tensor([0, 1, 5]))
+    assert xp.shape == z0.shape
+    # both outputs go through LayerNorm(C) with its init affine (1, 0): every token has mean 0, var 1
+    with torch.no_grad():
+        m.encoder.final_linear.weight.normal_()
+        for out in (m.encoder.tokenize(x), m.encoder.denoise(torch.randn_like(z0), torch.rand(3), torch.zeros(3).long())):
+            assert torch.allclose(out.mean(-1), torch.zeros(()), atol=1e-5)
+            assert torch.allclose(out.var(-1, unbiased=False), torch.ones(()), atol=1e-3)
+    assert m.decoder(z0).shape == x.shape
+
+
+def _grads_of_flow(m, x, y):
+    """Gradients of the flow loss alone (pass 2 fed with pass 1's z0, as in UNITE.forward)."""
+    m.zero_grad()
+    cfg = m.cfg
+    noise = draw_noise(cfg, len(x))
+    z0 = m.encoder(noise["registers"], noise["recon_t"], torch.full_like(y, cfg.num_classes), x)
+    zd = z0 if cfg.no_stopgrad else z0.detach()
+    flow_loss(m.denoiser, zd, y, noise, cfg).backward()
+    return m.encoder.patch_embed.weight.grad
+
+
+def test_stopgrad_blocks_flow_loss_from_tokenizer():
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    for no_stopgrad in (False, True):
+        m = tiny_model(no_stopgrad=no_stopgrad)
+        with torch.no_grad():  # leave adaLN-Zero init so that z0 depends on the image
+            for p in m.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        g = _grads_of_flow(m, x, y)
+        # the patch embedding is used only by the tokenizer pass: any gradient there came through z0
+        if no_stopgrad:
+            assert g is not None and g.abs().sum() > 0
+        else:
+            assert g is None or g.abs().sum() == 0
+        assert m.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0  # shared weights do learn from it
+
+
+def test_separate_has_two_weight_sets():
+    m = tiny_model(separate=True)
+    shared = tiny_model()
+    enc, den = set(map(id, m.encoder.parameters())), set(map(id, m.denoiser.parameters()))
+    assert not enc & den
+    assert m.denoiser.patch_embed is None  # the denoiser never sees images
+    assert count_params(m) > count_params(shared)
+    # the flow loss trains only the denoiser, the reconstruction loss only the tokenizer (+ decoder)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    _grads_of_flow(m, x, y)
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in m.encoder.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.denoiser.parameters())
+
+
+def test_loss_falls_when_overfitting():
+    m = tiny_model()
+    torch.manual_seed(1)
+    x, y = torch.rand(8, 3, 32, 32), torch.arange(8) % 5
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
+    recs = []
+    for _ in range(60):
+        loss, st = m(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        recs.append(st["recon"].item())
+    assert sum(recs[-5:]) / 5 < 0.5 * sum(recs[:5]) / 5
+
+
+class GaussianOracle(torch.nn.Module):
+    """Exact x-prediction for data z0 ~ N(mu, s^2 I) under z_t = t z0 + (1-t) eps, written so that the sampler's
+    v = (x_hat - z) / max(1 - t, eps) is the exact probability-flow velocity of z_t = t mu + sigma_t e,
+    sigma_t = sqrt(t^2 s^2 + (1-t)^2)."""
+
+    def __init__(self, mu, s, t_eps):
+        super().__init__()
+        self.mu, self.s, self.t_eps = mu, s, t_eps
+        self.cfg = make_config("micro", num_classes=3)
+        self.calls = 0
+
+    def denoise(self, z, t, y):
+        self.calls += 1
+        t = t.double()[:, None, None]
+        sig = torch.sqrt(t ** 2 * self.s ** 2 + (1 - t) ** 2)
+        dsig = (t * self.s ** 2 - (1 - t)) / sig
+        v = self.mu + dsig * (z.double() - t * self.mu) / sig
+        return (z.double() + (1 - t).clamp_min(self.t_eps) * v).float()
+
+
+def test_heun_integrates_gaussian_flow_exactly():
+    mu, s = 0.7, 0.3
+    oracle = GaussianOracle(mu, s, 0.05)
+    noise = torch.randn(4, 16, 8)
+    z1, nfe = sample_latents(oracle, noise, torch.zeros(4).long(), steps=50, method="heun", shift=0.5)
+    exact = mu + s * noise  # the flow map sends eps to mu + s eps
+    assert (z1 - exact).abs().max() < 1e-3
+    assert nfe == 100 and oracle.calls == 100
+    z1e, nfe = sample_latents(oracle, noise, torch.zeros(4).long(), steps=50, method="euler", shift=0.5)
+    assert nfe == 50 and (z1e - exact).abs().max() > (z1 - exact).abs().max()  # Heun is the more accurate
+
+
+def test_time_grid_is_shifted_toward_noise():
+    ts = time_grid(10, 0.5)
+    assert ts[0] == 0 and ts[-1] == 1 and (ts.diff() > 0).all()
+    assert math.isclose(ts[5].item(), 1 / 3, rel_tol=1e-9)  # a t / (1 + (a-1) t) at t=0.5, a=0.5
+
+
+def test_batched_cfg_equals_two_passes():
+    m = tiny_model().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    z, y, w = torch.randn(3, 16, 8), torch.tensor([0, 2, 4]), 3.0
+    with torch.no_grad():
+        got = guided_x(m.encoder, z, torch.tensor(0.6), y, w, 0.1, 5)
+        tb = torch.full((3,), 0.6)
+        c, u = m.encoder.denoise(z, tb, y), m.encoder.denoise(z, tb, torch.full_like(y, 5))
+        assert torch.allclose(got, u + w * (c - u), atol=1e-5)
+        # guidance interval: no guidance at t <= 0.1
+        assert torch.allclose(guided_x(m.encoder, z, torch.tensor(0.05), y, w, 0.1, 5),
+                              m.encoder.denoise(z, torch.full((3,), 0.05), y), atol=1e-6)
+
+
+def test_presets_dict_has_paper_sizes():
+    assert {"tiny", "S", "B", "L", "XL"} <= set(PRESETS)
+    assert (PRESETS["B"]["enc_depth"], PRESETS["B"]["enc_width"]) == (12, 768)
+    assert make_config("B").num_tokens == 256 and make_config("B").latent_dim == 32

@@ -1,0 +1,146 @@
+"""train.py / sample.py tests: checkpoint round trip, exact resume, DDP == one process, gradient accumulation,
+user errors. Run: python -m pytest tests/test_train.py -q"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from conftest import ROOT
+
+# a few steps of the micro preset on the built-in data; the lr schedule does not depend on --max-steps
+FAST = ["--model", "micro", "--batch-size", "8", "--micro-batch", "8", "--eval-samples", "0", "--sample-every", "-1",
+        "--log-every", "2", "--warmup-epochs", "0.001", "--decay-epochs", "1", "--lr", "3e-3", "--precision", "fp32"]
+
+
+def run(*args, env=None, timeout=300):
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=e)
+
+
+def weights(path, key="model"):
+    return torch.load(path, map_location="cpu", weights_only=True)[key]
+
+
+def test_checkpoint_round_trip_and_exact_resume(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train.main(FAST + ["--out-dir", a, "--max-steps", "4"])
+    train.main(FAST + ["--out-dir", b, "--max-steps", "2"])
+    train.main(FAST + ["--out-dir", b, "--max-steps", "4", "--resume", "auto"])
+    ca = torch.load(os.path.join(a, "ckpt.pt"), map_location="cpu", weights_only=True)  # plain data only
+    assert {"model", "ema", "optimizer", "step", "config", "args", "rng"} <= set(ca)
+    assert ca["step"] == 4 and ca["config"]["enc_width"] == 64
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ca["model"])
+    cb = weights(os.path.join(b, "ckpt.pt"))
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb[k]), k  # k steps + resume + n steps == k + n steps, bit for bit
+    for k, v in weights(os.path.join(b, "ckpt.pt"), "ema").items():
+        assert torch.equal(ca["ema"][k], v), k
+
+
+def logged(out):
+    """Per-step (loss, recon, flow, grad-norm) from log.txt: the grad norm is taken before clipping and after the
+    DDP all-reduce, so a wrong averaging (sum instead of mean, double division) shows up here."""
+    rows = [l.split(" | ") for l in open(os.path.join(out, "log.txt")) if l.startswith("step ")]
+    return [[float(f.split()[-1]) for f in r[1:5]] for r in rows]
+
+
+def same_run(a, b):
+    assert logged(a) == logged(b) and len(logged(a)) >= 2
+    wa, wb = weights(os.path.join(a, "ckpt.pt")), weights(os.path.join(b, "ckpt.pt"))
+    # Adam and Muon normalise their updates: float-rounding differences in near-zero gradients (adaLN-Zero
+    # weights, t-embedding at step 1) become updates of up to lr = 3e-3. The strict check is the logged loss and
+    # grad norm above; weights are compared below one step's update (a rank that did not learn fails this)
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=2e-3), k
+
+
+def test_gradient_accumulation_equals_one_batch(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train.main(FAST + ["--out-dir", a, "--max-steps", "3", "--log-every", "1"])
+    train.main(FAST + ["--out-dir", b, "--max-steps", "3", "--log-every", "1", "--micro-batch", "4"])
+    same_run(a, b)
+
+
+def test_ddp_two_processes_equal_one(tmp_path):
+    a, b = str(tmp_path / "one"), str(tmp_path / "ddp")
+    train.main(FAST + ["--out-dir", a, "--max-steps", "3", "--log-every", "1"])
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                        "train.py", *FAST, "--micro-batch", "4", "--out-dir", b, "--max-steps", "3", "--device", "cpu",
+                        "--log-every", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "world 2" in r.stdout and "batch 8 = 4 x 1 accum x 2" in r.stdout
+    same_run(a, b)
+
+
+def test_sample_py_grid_and_png_dir(tmp_path):
+    out = str(tmp_path / "run")
+    train.main(FAST + ["--out-dir", out, "--max-steps", "2"])
+    ck = os.path.join(out, "ckpt.pt")
+    r = run("sample.py", ck, "--steps", "3", "--per-class", "2")
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+    im = Image.open(os.path.join(out, "ckpt_samples.png"))
+    assert im.size == (2 * 32, 6 * 32)  # 6 classes (shapes) as rows, 2 columns
+    assert "NFE 6" in r.stdout and '"cfg_scale": 2.0' in r.stdout  # settings read from the checkpoint
+    r = run("sample.py", ck, "--steps", "2", "--n", "5", "--out-dir", str(tmp_path / "pngs"))
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path / "pngs")) == [f"{i:06d}.png" for i in range(5)]
+    # sample i does not depend on the batch size
+    r = run("sample.py", ck, "--steps", "2", "--n", "5", "--batch-size", "2", "--out-dir", str(tmp_path / "pngs2"))
+    for i in range(5):
+        a = np.asarray(Image.open(tmp_path / "pngs" / f"{i:06d}.png"))
+        b = np.asarray(Image.open(tmp_path / "pngs2" / f"{i:06d}.png"))
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def one_line_error(r, text):
+    assert r.returncode != 0
+    lines = [l for l in r.stderr.strip().splitlines() if not l.startswith("downloading")]
+    assert len(lines) == 1 and lines[0].startswith("error:") and text in lines[0], r.stderr[-2000:]
+
+
+def test_bad_inputs_give_one_clear_line(tmp_path):
+    one_line_error(run("train.py", "--model", "XXL", "--data", "shapes"), "unknown --model 'XXL'")
+    one_line_error(run("train.py", "--model", "micro", "--data", str(tmp_path / "nope")), "data folder not found")
+    bad = tmp_path / "imgs"
+    bad.mkdir()
+    from PIL import Image
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(bad / "ok.PNG")
+    (bad / "broken.png").write_bytes(b"not a png at all")
+    one_line_error(run("train.py", *FAST, "--data", str(bad), "--batch-size", "2", "--micro-batch", "2",
+                       "--num-workers", "1", "--out-dir", str(tmp_path / "o")), "broken.png")
+    one_line_error(run("sample.py", str(tmp_path / "missing.pt")), "checkpoint not found")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    one_line_error(run("sample.py", str(tmp_path / "junk.pt")), "not a UNITE checkpoint")
+    one_line_error(run("train.py", *FAST, "--resume", str(tmp_path / "none.pt"), "--out-dir", str(tmp_path / "o")),
+                   "file not found")
+
+
+def test_folder_dataset_and_sigterm_saves(tmp_path):
+    """ImageFolder with 2 classes trains (classes inferred), and SIGTERM saves a checkpoint and exits 0."""
+    from PIL import Image
+    for c, col in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
+        (tmp_path / "d" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (48, 40), col).save(tmp_path / "d" / c / f"{i}.jpg")
+    out = tmp_path / "o"
+    p = subprocess.Popen([sys.executable, "train.py", *FAST, "--data", str(tmp_path / "d"), "--batch-size", "4",
+                          "--micro-batch", "4", "--num-workers", "0", "--max-steps", "100000", "--log-every", "1",
+                          "--out-dir", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "log.txt").exists() or "step 2 " not in open(out / "log.txt").read():
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 0, stderr[-2000:]
+    assert "SIGTERM: saved" in stdout and "2 classes" in stdout
+    ck = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ck["config"]["num_classes"] == 2 and ck["class_names"] == ["blue", "red"] and ck["step"] >= 2

@@ -1,0 +1,442 @@
+"""
+Train UNITE: one Generative Encoder (GE) that tokenizes and denoises, plus a ViT decoder, in one stage.
+
+    python train.py                                    # tiny preset, built-in shapes data, CPU, ~8 minutes
+    python train.py --data cifar10 --max-steps 20000   # CIFAR-10 (downloaded once into the cache dir)
+    torchrun --nproc_per_node=8 train.py --model B --data /imagenet/train   # the paper's setting
+
+One training step, and where the gradients go (the two passes share the GE's weights):
+
+    image ──> GE.tokenize ──> z0 ──> noise-aug ──> decoder ──> x_hat ── L1(x_hat, x) ──┐
+                               │                                                       ├─> loss ─> backward
+                               └─ stop-grad ─> K copies z_t = t z0 + (1-t) eps ─> GE ─> x-pred ─ flow MSE ─┘
+    The flow loss reaches the GE only through the denoising pass (--no-stopgrad lets it reach the tokenizer).
+
+Run settings default to the paper's main setting for S/B/L/XL (global batch 1024, Muon + AdamW,
+lr 1e-4 * batch / 384, 20-epoch warmup, grad clip 3, EMA 0.9978, bf16) and to a CPU budget for `tiny`.
+Every random draw of a step is made per global sample (model.draw_noise), so a run gives the same weights
+on 1 process or N processes at the same global batch, and `--resume` continues exactly.
+"""
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data import DataError, error_line, get_dataset, save_grid
+from model import PRESETS, UNITE, count_params, draw_noise, generate, make_config
+
+# run defaults: the paper's (A1 Tab. 8 + released config) for the big presets, a CPU budget for tiny
+PAPER_RUN = dict(data=None, batch_size=1024, micro_batch=64, lr=None, epochs=240, max_steps=None,
+                 warmup_epochs=20, hold_epochs=30, decay_epochs=50, min_lr_frac=0.5, flow_copies=14,
+                 sample_steps=50, cfg_scale=3.4, precision="auto")
+TINY_RUN = dict(data="shapes", batch_size=64, micro_batch=64, lr=1e-3, epochs=None, max_steps=1500,
+                warmup_epochs=0.5, hold_epochs=0, decay_epochs=None, min_lr_frac=0.1, flow_copies=4,
+                sample_steps=25, cfg_scale=2.0, precision="auto")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+    # model and data
+    p.add_argument("--model", default="tiny", help="preset: tiny (CPU, 32px), S, B, L, XL (256px)")
+    p.add_argument("--data", default=None, help="shapes | cifar10 | path to an ImageFolder or flat image folder")
+    p.add_argument("--out-dir", default="out")
+    p.add_argument("--flow-copies", type=int, default=None, help="K noised copies per image (paper 14)")
+    p.add_argument("--separate", action="store_true", help="separate tokenizer/denoiser weights (Tab. 7a)")
+    p.add_argument("--no-stopgrad", action="store_true", help="flow loss also reaches the tokenizer (Tab. 7a)")
+    p.add_argument("--grad-checkpoint", action="store_true", help="recompute GE blocks in the flow pass")
+    # optimisation
+    p.add_argument("--batch-size", type=int, default=None, help="global batch = micro x accum x world")
+    p.add_argument("--micro-batch", type=int, default=None, help="per-process micro-batch")
+    p.add_argument("--lr", type=float, default=None, help="default 1e-4 * batch / 384 (paper presets)")
+    p.add_argument("--optimizer", default="muon", choices=["muon", "adamw"],
+                   help="muon: torch.optim.Muon on 2-D weights + AdamW on the rest (released code)")
+    p.add_argument("--epochs", type=float, default=None)
+    p.add_argument("--max-steps", type=int, default=None, help="overrides --epochs")
+    p.add_argument("--warmup-epochs", type=float, default=None)
+    p.add_argument("--hold-epochs", type=float, default=None, help="constant lr after warmup until here")
+    p.add_argument("--decay-epochs", type=float, default=None, help="cosine to min-lr-frac by here (default: end)")
+    p.add_argument("--min-lr-frac", type=float, default=None)
+    p.add_argument("--grad-clip", type=float, default=3.0)
+    p.add_argument("--ema", type=float, default=0.9978, help="EMA decay per optimizer step")
+    p.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32"])
+    # run
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", default="", help="'' (fresh) | auto (out-dir/ckpt.pt if present) | PATH")
+    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: 0 in-memory, 8 folder)")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--sample-every", type=int, default=500, help="sample grid PNG every N steps (-1 = off)")
+    p.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps (-1 = only at the end)")
+    # sampling (stored in the checkpoint; sample.py uses them by default)
+    p.add_argument("--sampler", default="heun", choices=["heun", "euler"])
+    p.add_argument("--sample-steps", type=int, default=None)
+    p.add_argument("--cfg-scale", type=float, default=None)
+    p.add_argument("--cfg-min-t", type=float, default=0.1, help="guidance only for t > this (t=1 clean)")
+    # evaluation
+    p.add_argument("--eval-samples", type=int, default=500, help="generated images for the end-of-run figure")
+    p.add_argument("--fid-ref", default="", help="reference stats .npz for FID during training (fid.py)")
+    p.add_argument("--fid-every", type=int, default=-1, help="FID every N steps against --fid-ref (-1 = off)")
+    p.add_argument("--fid-samples", type=int, default=10000)
+    args = p.parse_args(argv)
+    if args.model not in PRESETS:
+        raise DataError(f"unknown --model {args.model!r}; choose one of {', '.join(PRESETS)}")
+    for k, v in (TINY_RUN if args.model in ("tiny", "micro") else PAPER_RUN).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.data is None:
+        raise DataError(f"--data is required for --model {args.model} (an ImageFolder path, or cifar10)")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# devices, processes, precision
+
+def setup_distributed(device_arg):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python train.py` is a world of one."""
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device_arg)
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device_arg == "cuda":
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        return rank, world, torch.device("cuda", local)
+    dist.init_process_group("gloo")  # CPU (and MPS hosts): gloo
+    return rank, world, torch.device(device_arg)
+
+
+def cpu_has_bf16():
+    """bf16 matmuls are fast only with AVX512-BF16 or AMX; without them they are ~3x slower than fp32."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def pick_precision(arg, device):
+    if arg == "auto":
+        ok = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_has_bf16()
+        arg = "bf16" if ok else "fp32"
+    return arg
+
+
+def autocast(device, precision):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def print0(*a, rank=0, log=None):
+    if rank == 0:
+        print(*a, flush=True)
+        if log is not None:
+            print(*a, file=log, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# schedule, data order, optimizers, EMA, checkpoints
+
+def get_lr(step, args, steps_per_epoch, total_steps):
+    """Released config: linear warmup -> hold -> cosine down to min_lr_frac * lr by decay_end -> constant."""
+    warm = args.warmup_epochs * steps_per_epoch
+    hold = max(warm, args.hold_epochs * steps_per_epoch)
+    end = total_steps if args.decay_epochs is None else args.decay_epochs * steps_per_epoch
+    if step < warm:
+        return args.lr * (step + 1) / warm
+    if step < hold or end <= hold:
+        return args.lr
+    frac = min(1.0, (step - hold) / (end - hold))
+    return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def batch_indices(n, global_batch, seed, start_step, accum, world, rank):
+    """Index lists for this rank, micro-step by micro-step, from start_step on. Epoch e is a fixed
+    permutation (seed + e); a global batch is split in order: micro-step m, rank r -> contiguous slice.
+    drop_last: every rank runs the same number of steps."""
+    steps_per_epoch, micro = n // global_batch, global_batch // (accum * world)
+    step = start_step
+    while True:
+        e, s = divmod(step, steps_per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + e))
+        for s in range(s, steps_per_epoch):
+            g = order[s * global_batch:(s + 1) * global_batch]
+            for m in range(accum):
+                yield g[(m * world + rank) * micro:(m * world + rank + 1) * micro].tolist()
+        step = (e + 1) * steps_per_epoch
+
+
+def make_optimizers(model, args):
+    """Muon for the 2-D weight matrices (as the code: not the patch embed, final layer, in-context or register
+    position embeddings), AdamW (betas 0.9/0.999, eps 1e-6, wd 0) for everything else."""
+    excluded = ("patch_embed", "final_", "in_context_pos", "latent_pos")
+    muon, rest = [], []
+    for name, p in model.named_parameters():
+        use_muon = args.optimizer == "muon" and p.ndim == 2 and not any(k in name for k in excluded)
+        (muon if use_muon else rest).append(p)
+    opts = [torch.optim.AdamW(rest, lr=args.lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0)]
+    if muon:
+        opts.append(torch.optim.Muon(muon, lr=args.lr, momentum=0.95, weight_decay=0.0,
+                                     adjust_lr_fn="match_rms_adamw"))
+    return opts
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay, step):
+    d = min(decay, (1 + step) / (10 + step))  # warm-up: an early EMA is not poisoned by the random init
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach().float(), 1 - d)
+
+
+def save_checkpoint(path, ckpt):
+    """Atomic: a crash or SIGTERM never leaves a half-written ckpt.pt."""
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def rng_state(gen):
+    return {"torch": torch.get_rng_state(), "noise": gen.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state, gen):
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["noise"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -----------------------------------------------------------------------------
+# evaluation: sample grids, PSNR, FD / FID on generated images sharded over ranks
+
+def sample_kwargs(args):
+    return dict(steps=args.sample_steps, method=args.sampler, cfg_scale=args.cfg_scale, cfg_min_t=args.cfg_min_t)
+
+
+def sample_grid(ema, num_classes, args, path, per_class=8):
+    """One row per class (up to 10 classes), fixed noise, EMA weights."""
+    rows = min(num_classes, 10)
+    idx = [r * per_class + j for r in range(rows) for j in range(per_class)]
+    labels = [r for r in range(rows) for _ in range(per_class)]
+    x, _ = generate(ema, idx, num_classes, seed=args.seed, labels=labels, **sample_kwargs(args))
+    save_grid(x, path, per_class)
+
+
+@torch.no_grad()
+def psnr(ema, ds, device, n=256):
+    x = torch.stack([ds[i][0] for i in range(min(n, len(ds)))]).to(device)
+    rec = torch.cat([ema.reconstruct(x[i:i + 64]) for i in range(0, len(x), 64)])
+    mse = ((rec - x) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return (10 * torch.log10(1 / mse)).mean().item()
+
+
+def generated_features(ema, feature_fn, n, num_classes, args, rank, world, batch=100):
+    """Generate n images sharded over ranks (sample i on rank i % world), return all features on every rank."""
+    idx = list(range(rank, n, world))
+    feats = []
+    for i in range(0, len(idx), batch):
+        x, nfe = generate(ema, idx[i:i + batch], num_classes, seed=args.seed + 1, **sample_kwargs(args))
+        feats.append(feature_fn(x).cpu().double().numpy())
+    feats = np.concatenate(feats) if feats else np.zeros((0, 1))
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, feats)
+        feats = np.concatenate(parts)
+    return feats
+
+
+def fd_shapes_of_samples(ema, n, num_classes, args, rank, world):
+    """FD-shapes: Fréchet distance in the feature space of a small CNN trained on the built-in data (fid.py).
+    Not FID: the Inception weights cannot be had offline."""
+    import fid
+    net = fid.load_shapes_net(next(ema.parameters()).device)
+    feats = generated_features(ema, net, n, num_classes, args, rank, world)
+    mu, sigma = fid.feature_stats(feats)
+    return fid.frechet_distance(mu, sigma, *fid.shapes_reference_stats())
+
+
+def fid_of_samples(ema, n, num_classes, args, rank, world):
+    import fid
+    net = fid.InceptionV3().to(next(ema.parameters()).device).eval()
+    feats = generated_features(ema, net, n, num_classes, args, rank, world)
+    ref = np.load(args.fid_ref)
+    mu, sigma = fid.feature_stats(feats)
+    return fid.frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed(args.device)
+    os.makedirs(args.out_dir, exist_ok=True)
+    log = open(os.path.join(args.out_dir, "log.txt"), "a") if rank == 0 else None
+    p0 = lambda *a: print0(*a, rank=rank, log=log)
+    precision = pick_precision(args.precision, device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    ds = get_dataset(args.data, make_config(args.model).image_size, "train")
+    cfg = make_config(args.model, num_classes=ds.num_classes, flow_copies=args.flow_copies,
+                      separate=args.separate, no_stopgrad=args.no_stopgrad, grad_checkpoint=args.grad_checkpoint)
+    accum = args.batch_size // (args.micro_batch * world)
+    if accum < 1 or accum * args.micro_batch * world != args.batch_size:
+        raise DataError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch {args.micro_batch} "
+                        f"x {world} processes")
+    steps_per_epoch = len(ds) // args.batch_size
+    if steps_per_epoch == 0:
+        raise DataError(f"{len(ds)} images is fewer than one batch of {args.batch_size}")
+    if args.lr is None:
+        args.lr = 1e-4 * args.batch_size / 384
+    total = args.max_steps or int(args.epochs * steps_per_epoch)
+
+    torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts it)
+    raw = UNITE(cfg).to(device)
+    ema = copy.deepcopy(raw).float().eval().requires_grad_(False)
+    opts = make_optimizers(raw, args)
+    gen = torch.Generator(device).manual_seed(args.seed)  # the step noise: identical on every rank
+    step = 0
+    resume = os.path.join(args.out_dir, "ckpt.pt") if args.resume == "auto" else args.resume
+    if resume and os.path.exists(resume):
+        ck = torch.load(resume, map_location="cpu", weights_only=True)
+        if ck["config"] != asdict(cfg):
+            raise DataError(f"{resume} was trained with another model config; use another --out-dir")
+        raw.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        for o, s in zip(opts, ck["optimizer"]):
+            o.load_state_dict(s)
+        step = ck["step"]
+        set_rng_state(ck["rng"], gen)
+        p0(f"resumed from {resume} at step {step}")
+    elif args.resume not in ("", "auto"):
+        raise DataError(f"--resume {args.resume}: file not found")
+    torch.manual_seed(args.seed + rank + 1_000_003 * step)  # per-rank stream for anything not drawn per sample
+    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else raw
+
+    p0(f"UNITE-{args.model}: GE {count_params(raw.encoder) / 1e6:.2f}M, decoder {count_params(raw.decoder) / 1e6:.2f}M"
+       + (f", separate denoiser {count_params(raw.denoiser_) / 1e6:.2f}M" if cfg.separate else "")
+       + f" | data {args.data}: {len(ds)} images, {ds.num_classes} classes | device {device}, {precision}, "
+         f"world {world} | batch {args.batch_size} = {args.micro_batch} x {accum} accum x {world} | "
+         f"{total} steps ({steps_per_epoch} per epoch) | lr {args.lr:.2e} {args.optimizer}")
+    p0("args: " + json.dumps(vars(args)))
+
+    workers = args.num_workers if args.num_workers is not None else (0 if hasattr(ds, "images") else 8)
+    loader = iter(torch.utils.data.DataLoader(
+        ds, batch_sampler=batch_indices(len(ds), args.batch_size, args.seed, step, accum, world, rank),
+        num_workers=workers, pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(args.seed)))
+
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))  # pre-emption: save, then exit cleanly
+
+    def checkpoint():
+        if rank == 0:
+            save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), {
+                "model": raw.state_dict(), "ema": ema.state_dict(), "optimizer": [o.state_dict() for o in opts],
+                "step": step, "config": asdict(cfg), "args": vars(args), "rng": rng_state(gen),
+                "class_names": list(ds.class_names), "data": args.data})
+        if world > 1:
+            dist.barrier()
+
+    from tqdm import tqdm
+    # progress bar on a terminal only: in log files and CI the per-interval lines say the same
+    bar = tqdm(total=total, initial=step, disable=rank != 0 or not sys.stderr.isatty(), dynamic_ncols=True)
+    t0, seen, bad, stats = time.time(), 0, 0, torch.zeros(3, device=device)
+    t_start, step_start = time.time(), step
+    while step < total and not stop:
+        # ------------------------------------------------ one optimization step
+        lr = get_lr(step, args, steps_per_epoch, total)
+        for o in opts:
+            for g in o.param_groups:
+                g["lr"] = lr
+        # the step's noise for the whole global batch, sliced like the data: micro-step m, rank r -> rows
+        # (m * world + r) * micro ... so the run is the same for any world size and accumulation
+        step_noise = draw_noise(cfg, args.batch_size, device, gen)
+        for m in range(accum):
+            x, y = next(loader)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            lo = (m * world + rank) * args.micro_batch
+            noise = {k: v[lo:lo + args.micro_batch] for k, v in step_noise.items()}
+            if ds.hflip:
+                x = torch.where(noise["flip"][:, None, None, None], x.flip(-1), x)
+            sync = m == accum - 1 or world == 1  # all-reduce gradients only on the last micro-step
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, precision):
+                loss, st = model(x, y, noise)
+            (loss / accum).backward()
+            stats += torch.stack([loss.detach(), st["recon"], st["flow"]]) / accum
+        norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
+        if torch.isfinite(norm):  # a sync point; identical on every rank (gradients are all-reduced)
+            for o in opts:
+                o.step()
+            update_ema(ema, raw, args.ema, step)
+            bad = 0
+        else:
+            bad += 1
+            p0(f"step {step}: non-finite loss/gradient, step skipped")
+            if bad >= 5:
+                raise DataError("5 non-finite steps in a row: lower --lr, use --precision fp32, or check the data "
+                                "(NaN/Inf pixels)")
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        step += 1
+        seen += args.batch_size
+        bar.update(1)
+        # ------------------------------------------------ once in a while: log, sample, save, FID
+        if step % args.log_every == 0 or step == total:
+            if world > 1:
+                dist.all_reduce(stats)
+                stats /= world
+            n = (step - 1) % args.log_every + 1
+            el = time.time() - t0
+            l, r, f = (stats / n).tolist()  # .tolist() is a sync point: only at log time
+            line = (f"step {step} | loss {l:.4f} | recon {r:.4f} | flow {f:.4f} | grad {norm.item():.3f} | "
+                    f"lr {lr:.2e} | {seen / el:.1f} img/s")
+            if rank == 0:
+                bar.write(line, file=sys.stdout)
+            if log:
+                print(line, file=log, flush=True)
+            t0, seen, stats = time.time(), 0, torch.zeros(3, device=device)
+        if args.sample_every > 0 and step % args.sample_every == 0 and rank == 0:
+            sample_grid(ema, cfg.num_classes, args, os.path.join(args.out_dir, "samples.png"))
+        if args.ckpt_every > 0 and step % args.ckpt_every == 0:
+            checkpoint()
+        if args.fid_every > 0 and step % args.fid_every == 0 and args.fid_ref:
+            f = fid_of_samples(ema, args.fid_samples, cfg.num_classes, args, rank, world)
+            p0(f"step {step} | FID-{args.fid_samples} {f:.3f} (EMA, {args.sampler}-{args.sample_steps}, "
+               f"cfg {args.cfg_scale} for t>{args.cfg_min_t})")
+    bar.close()
+    train_s = time.time() - t_start
+    checkpoint()
+    if stop:
+        p0(f"SIGTERM: saved {args.out_dir}/ckpt.pt at step {step}, exiting")
+        return
+    # ------------------------------------------------ end of run: figures, last stdout line = JSON
+    res = {"model": args.model, "data": args.data, "steps": step, "wall_s": round(train_s, 1),
+           "img_per_s": round((step - step_start) * args.batch_size / max(train_s, 1e-9), 1)}
+    if rank == 0:
+        sample_grid(ema, cfg.num_classes, args, os.path.join(args.out_dir, "samples.png"))
+        test = get_dataset(args.data, cfg.image_size, "test") if args.data in ("shapes", "cifar10") else ds
+        res["psnr"] = round(psnr(ema, test, device), 2)
+    if args.data == "shapes" and args.eval_samples > 1:
+        res[f"fd_shapes_{args.eval_samples}"] = round(fd_shapes_of_samples(
+            ema, args.eval_samples, cfg.num_classes, args, rank, world), 3)
+    if args.fid_ref:
+        res[f"fid_{args.fid_samples}"] = round(fid_of_samples(ema, args.fid_samples, cfg.num_classes, args, rank, world), 3)
+    res["total_s"] = round(time.time() - t_start, 1)
+    p0(f"wrote {args.out_dir}/ckpt.pt and {args.out_dir}/samples.png")
+    p0(json.dumps(res))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as e:
+        sys.exit(f"error: {error_line(e)}")
