@@ -279,7 +279,7 @@ def _as_batch(items, net):
         if not isinstance(net, InceptionV3):
             raise DataError(f"images of different sizes ({tuple(x[0].shape)} and others)")
         x = [F.interpolate(t[None], size=(299, 299), mode="bilinear", align_corners=False)[0] for t in x]
-    x = torch.stack(x)
+    x = torch.stack(x).contiguous()  # NCHW as pytorch-fid's loader: conv kernels (and roundings) follow the layout
     if x.amin() < -1e-3 or x.amax() > 1 + 1e-3:
         raise DataError(f"images must be in [0, 1], got values in [{x.amin():.2f}, {x.amax():.2f}]: clamp "
                         f"them, or map [-1, 1] samples with (x + 1) / 2")
@@ -334,16 +334,17 @@ class ShapesNet(nn.Module):
     def forward(self, x):
         if x.shape[-2:] != (32, 32):
             raise DataError(f"FD-shapes needs 32x32 images, got {x.shape[-2]}x{x.shape[-1]}")
-        return self.body((x - 0.5) / 0.25)
+        return self.body((x.contiguous() - 0.5) / 0.25)  # NCHW: results must not depend on the memory layout
 
 
 def train_shapes_net(steps=600, n_train=20000, seed=0, batch_size=64):
-    """Train ShapesNet on the shapes train split, single-threaded (so the result is the same on every machine
-    with this torch version): Adam, summed cross-entropy over all attribute heads, lr warm-up then linear decay."""
-    imgs, attrs = data.make_shapes(n_train, seed=0)
-    x_all, y_all = torch.from_numpy(imgs).permute(0, 3, 1, 2), {k: torch.from_numpy(v) for k, v in attrs.items()}
-    torch.manual_seed(seed)
-    net, g = ShapesNet(), torch.Generator().manual_seed(seed)
+    """ShapesNet trained on the shapes train split: Adam, summed cross-entropy over all attribute heads, lr
+    warm-up then linear decay. Call it single-threaded for a result that is the same on every machine."""
+    ds = data.shapes_dataset("train", n_train)
+    x_all, y_all = ds.images, {k: torch.from_numpy(v) for k, v in ds.attrs.items()}  # (N, 3, 32, 32) uint8
+    with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG state
+        torch.manual_seed(seed)
+        net, g = ShapesNet(), torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     for step in range(steps):
         for group in opt.param_groups:
@@ -357,31 +358,35 @@ def train_shapes_net(steps=600, n_train=20000, seed=0, batch_size=64):
     return net.eval().requires_grad_(False)
 
 
+def _train_and_cache_shapes_net(path, steps, n_train, n_test):
+    threads, t0 = torch.get_num_threads(), time.time()
+    torch.set_num_threads(1)  # bitwise-deterministic training and reference statistics
+    try:
+        net, test = train_shapes_net(steps, n_train), data.shapes_dataset("test", n_test)
+        feats = torch.from_numpy(extract_features(net, test.images, 500, progress=False))  # (n_test, 256)
+        mu, sigma = feature_stats(feats.numpy())
+        acc = {k: (h(feats).argmax(1).numpy() == test.attrs[k]).mean().item() for k, h in net.heads.items()}
+    finally:
+        torch.set_num_threads(threads)
+    print(f"ShapesNet: trained {steps} steps in {time.time() - t0:.0f}s, test accuracy: shape {acc['shape']:.2%}, "
+          f"mean over attributes {np.mean(list(acc.values())):.2%}; cached at {path}", file=sys.stderr)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"  # per process: DDP ranks may all train at once
+    torch.save({"model": net.state_dict(), "mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma),
+                "test_acc": acc}, tmp)
+    os.replace(tmp, path)  # atomic: never a half-written cache file
+
+
 def load_shapes_net(device="cpu", steps=600, n_train=20000, n_test=10000):
-    """The frozen FD-shapes network, trained once and cached in the cache dir together with its reference
-    statistics (.ref_mu, .ref_sigma: the test split's features) and test accuracies (.test_acc)."""
+    """The frozen FD-shapes network, trained once (~1 min) and cached in the cache dir together with its
+    reference statistics (.ref_mu, .ref_sigma: the test split's features) and test accuracies (.test_acc)."""
     default = (steps, n_train, n_test) == (600, 20000, 10000)
     name = "shapes_fd_net_v1.pt" if default else f"shapes_fd_net_v1_{steps}_{n_train}_{n_test}.pt"
-    path, net = os.path.join(data.cache_dir(), name), ShapesNet()
+    path = os.path.join(data.cache_dir(), name)
     if not os.path.exists(path):
-        threads, t0 = torch.get_num_threads(), time.time()
-        torch.set_num_threads(1)  # bitwise-deterministic training and reference statistics
-        try:
-            net = train_shapes_net(steps, n_train)
-            imgs, attrs = data.make_shapes(n_test, seed=1)  # the test split of data.shapes_dataset
-            x = torch.from_numpy(imgs).permute(0, 3, 1, 2)
-            feats = torch.from_numpy(extract_features(net, x, 500, progress=False))
-            mu, sigma = feature_stats(feats.numpy())
-            acc = {k: (h(feats).argmax(1).numpy() == attrs[k]).mean().item() for k, h in net.heads.items()}
-        finally:
-            torch.set_num_threads(threads)
-        print(f"ShapesNet: trained {steps} steps in {time.time() - t0:.0f}s, test accuracy: shape "
-              f"{acc['shape']:.2%}, mean over attributes {np.mean(list(acc.values())):.2%}; cached at {path}",
-              file=sys.stderr)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save({"model": net.state_dict(), "mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma),
-                    "test_acc": acc}, path + ".tmp")
-        os.replace(path + ".tmp", path)  # atomic: never a half-written cache file
+        _train_and_cache_shapes_net(path, steps, n_train, n_test)
+    with torch.random.fork_rng(devices=[]):  # building the module must not move the caller's RNG
+        net = ShapesNet()
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(ckpt["model"])

@@ -289,7 +289,9 @@ def tiny_shapes_net(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MINUNITE_CACHE", str(cache))
+        rng_state = torch.get_rng_state()
         net = fid.load_shapes_net(steps=30, n_train=500, n_test=300)
+        assert torch.equal(torch.get_rng_state(), rng_state)  # train.py's RNG stream is left alone
         again = fid.load_shapes_net(steps=30, n_train=500, n_test=300)  # from the cache file now
     for k, v in net.state_dict().items():
         assert torch.equal(v, again.state_dict()[k])
