@@ -39,9 +39,10 @@ from data import DataError, error_line
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
-# sha256 of that file as several public projects pin it (e.g. torch-fidelity mirrors the same file as
-# weights-inception-2015-12-05-6726825d.pth; size 95,628,359 bytes); pytorch-fid itself checks nothing, and its
-# file-name suffix 6726825d is the torch.hub convention: the first 8 hex digits of the file's sha256.
+# sha256 of that file as several independent public projects pin it (torch-fidelity's mirror of it,
+# weights-inception-2015-12-05-6726825d.pth, has the same hash; one project also pins 95,628,359 bytes). It could
+# not be checked against the file here (no download). pytorch-fid itself checks nothing; its name suffix is the
+# torch.hub convention, the first 8 hex digits of the sha256, which the assert below holds us to.
 FID_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 assert FID_WEIGHTS_SHA256.startswith(FID_WEIGHTS_URL.rsplit("-", 1)[1][:8])
 
