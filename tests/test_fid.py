@@ -3,15 +3,14 @@ Tests for fid.py: Frechet-distance closed forms and parity with pytorch-fid's sq
 network (random weights: the real file cannot be downloaded in CI), weight-file checks, the CLI, the Inception
 Score, FD-shapes and the DDP feature gather. CPU only, < 1 min in all:
 
-    python -m pytest tests/test_fid.py -q                 # fast tests
-    RUN_SLOW=1 python -m pytest tests/test_fid.py -q      # also the full ShapesNet training and the 2048-d timing
+    python -m pytest tests/test_fid.py -q                        # fast tests
+    RUN_SLOW=1 python -m pytest tests/test_fid.py -q -m slow     # full ShapesNet training, 2048-d timing (~2 min)
 """
 import os
 
-# Multi-threaded LAPACK on small matrices is slow, and pathological (up to 100x) on a busy 2-core machine; these
-# only take effect if numpy is not imported yet. They change no result.
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+# numpy's multi-threaded LAPACK is slow on small matrices, and pathological (up to 100x) on a busy 2-core machine.
+# Takes effect only if numpy is not imported yet; changes no result.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import json  # noqa: E402
 import re  # noqa: E402
@@ -33,8 +32,19 @@ import data  # noqa: E402
 import fid  # noqa: E402
 from data import DataError  # noqa: E402
 
-torch.set_num_threads(1)
-slow = pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="slow: set RUN_SLOW=1")
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The 299x299 Inception forward is faster on 1 thread than on 2 busy ones; restored for other test files."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def slow(test):
+    """Marked slow (CI runs -m "not slow"), and skipped unless RUN_SLOW=1 so that a plain run of this file is fast."""
+    return pytest.mark.slow(pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="slow: set RUN_SLOW=1")(test))
 
 
 def pytorch_fid_reference(mu1, sigma1, mu2, sigma2, eps=1e-6):
