@@ -461,8 +461,8 @@ def generate(model, indices, num_classes, seed=0, labels=None, decoder=None, **s
 # size presets: GE / decoder shapes. B = GE 12x768 (130.6M) + decoder 12x768 (86.2M); L and XL keep the B decoder.
 
 PRESETS = {
-    "tiny": dict(image_size=32, patch_size=8, latent_dim=16, enc_depth=6, enc_width=192, enc_heads=3,
-                 dec_depth=4, dec_width=192, dec_heads=3, in_context_len=4, in_context_start=2, flow_copies=4),
+    "tiny": dict(image_size=32, patch_size=8, latent_dim=16, enc_depth=6, enc_width=128, enc_heads=2,
+                 dec_depth=4, dec_width=128, dec_heads=2, in_context_len=4, in_context_start=2, flow_copies=2),
     "micro": dict(image_size=32, patch_size=8, latent_dim=8, enc_depth=2, enc_width=64, enc_heads=2, dec_depth=1,
                   dec_width=64, dec_heads=2, in_context_len=2, in_context_start=1, flow_copies=2),  # tests
     "S": dict(enc_depth=12, enc_width=384, enc_heads=6, dec_depth=12, dec_width=384, dec_heads=6),

@@ -37,11 +37,11 @@ from data import DataError, error_line, get_dataset, save_grid
 from model import PRESETS, UNITE, count_params, draw_noise, generate, make_config
 
 # run defaults: the paper's (A1 Tab. 8 + released config) for the big presets, a CPU budget for tiny
-PAPER_RUN = dict(data=None, batch_size=1024, micro_batch=64, lr=None, epochs=240, max_steps=None,
+PAPER_RUN = dict(data=None, batch_size=1024, micro_batch=64, lr=None, epochs=240, max_steps=None, ema=0.9978,
                  warmup_epochs=20, hold_epochs=30, decay_epochs=50, min_lr_frac=0.5, flow_copies=14,
                  sample_steps=50, cfg_scale=3.4, precision="auto")
-TINY_RUN = dict(data="shapes", batch_size=64, micro_batch=64, lr=1e-3, epochs=None, max_steps=1500,
-                warmup_epochs=0.5, hold_epochs=0, decay_epochs=None, min_lr_frac=0.1, flow_copies=4,
+TINY_RUN = dict(data="shapes", batch_size=32, micro_batch=0, lr=2e-3, epochs=None, max_steps=500, ema=0.99,
+                warmup_epochs=0.1, hold_epochs=0, decay_epochs=None, min_lr_frac=0.1, flow_copies=2,
                 sample_steps=25, cfg_scale=2.0, precision="auto")
 
 
@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute GE blocks in the flow pass")
     # optimisation
     p.add_argument("--batch-size", type=int, default=None, help="global batch = micro x accum x world")
-    p.add_argument("--micro-batch", type=int, default=None, help="per-process micro-batch")
+    p.add_argument("--micro-batch", type=int, default=None, help="per-process micro-batch (0: batch / processes)")
     p.add_argument("--lr", type=float, default=None, help="default 1e-4 * batch / 384 (paper presets)")
     p.add_argument("--optimizer", default="muon", choices=["muon", "adamw"],
                    help="muon: torch.optim.Muon on 2-D weights + AdamW on the rest (released code)")
@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--decay-epochs", type=float, default=None, help="cosine to min-lr-frac by here (default: end)")
     p.add_argument("--min-lr-frac", type=float, default=None)
     p.add_argument("--grad-clip", type=float, default=3.0)
-    p.add_argument("--ema", type=float, default=0.9978, help="EMA decay per optimizer step")
+    p.add_argument("--ema", type=float, default=None, help="EMA decay per optimizer step (paper 0.9978)")
     p.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32"])
     # run
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
@@ -88,6 +88,7 @@ def parse_args(argv=None):
     p.add_argument("--fid-ref", default="", help="reference stats .npz for FID during training (fid.py)")
     p.add_argument("--fid-every", type=int, default=-1, help="FID every N steps against --fid-ref (-1 = off)")
     p.add_argument("--fid-samples", type=int, default=10000)
+    p.add_argument("--inception", default=None, help="FID Inception weight file (default: cache dir / download)")
     args = p.parse_args(argv)
     if args.model not in PRESETS:
         raise DataError(f"unknown --model {args.model!r}; choose one of {', '.join(PRESETS)}")
@@ -239,35 +240,40 @@ def psnr(ema, ds, device, n=256):
 
 
 def generated_features(ema, feature_fn, n, num_classes, args, rank, world, batch=100):
-    """Generate n images sharded over ranks (sample i on rank i % world), return all features on every rank."""
+    """Generate n images sharded over ranks (sample i on rank i % world); every rank gets all the features."""
+    import fid
+    if n < world:
+        raise DataError(f"{n} evaluation samples for {world} processes: ask for at least one per process")
     idx = list(range(rank, n, world))
-    feats = []
-    for i in range(0, len(idx), batch):
-        x, nfe = generate(ema, idx[i:i + batch], num_classes, seed=args.seed + 1, **sample_kwargs(args))
-        feats.append(feature_fn(x).cpu().double().numpy())
-    feats = np.concatenate(feats) if feats else np.zeros((0, 1))
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, feats)
-        feats = np.concatenate(parts)
-    return feats
+    feats = [feature_fn(generate(ema, idx[i:i + batch], num_classes, seed=args.seed + 1, **sample_kwargs(args))[0])
+             for i in range(0, len(idx), batch)]
+    return fid.gather_features(torch.cat(feats).float()).cpu().double().numpy()
 
 
 def fd_shapes_of_samples(ema, n, num_classes, args, rank, world):
     """FD-shapes: Fréchet distance in the feature space of a small CNN trained on the built-in data (fid.py).
     Not FID: the Inception weights cannot be had offline."""
     import fid
-    net = fid.load_shapes_net(next(ema.parameters()).device)
+    net = fid.load_shapes_net() if rank == 0 else None  # rank 0 trains and caches it on first use ...
+    if world > 1:
+        dist.barrier()                                    # ... the other ranks then load the cached file
+    net = (net or fid.load_shapes_net()).to(next(ema.parameters()).device)
     feats = generated_features(ema, net, n, num_classes, args, rank, world)
     mu, sigma = fid.feature_stats(feats)
-    return fid.frechet_distance(mu, sigma, *fid.shapes_reference_stats())
+    return fid.frechet_distance(mu, sigma, net.ref_mu, net.ref_sigma)  # vs the 10k-image test split
 
 
 def fid_of_samples(ema, n, num_classes, args, rank, world):
+    """FID-n of EMA samples against --fid-ref (pytorch-fid protocol, fid.py)."""
     import fid
-    net = fid.InceptionV3().to(next(ema.parameters()).device).eval()
+    net = fid.InceptionV3(args.inception) if rank == 0 else None  # rank 0 downloads the weights once ...
+    if world > 1:
+        dist.barrier()                                            # ... before the other ranks read the cache
+    net = (net or fid.InceptionV3(args.inception)).to(next(ema.parameters()).device).eval()
     feats = generated_features(ema, net, n, num_classes, args, rank, world)
     ref = np.load(args.fid_ref)
+    if not {"mu", "sigma"} <= set(ref.files):
+        raise DataError(f"--fid-ref {args.fid_ref} has no mu/sigma arrays (make it with fid.py --save-stats)")
     mu, sigma = fid.feature_stats(feats)
     return fid.frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
 
@@ -286,6 +292,9 @@ def main(argv=None):
     ds = get_dataset(args.data, make_config(args.model).image_size, "train")
     cfg = make_config(args.model, num_classes=ds.num_classes, flow_copies=args.flow_copies,
                       separate=args.separate, no_stopgrad=args.no_stopgrad, grad_checkpoint=args.grad_checkpoint)
+    if ds.num_classes == 1:
+        args.cfg_scale = 1.0  # a flat folder is unconditional: nothing to guide
+    args.micro_batch = args.micro_batch or args.batch_size // world
     accum = args.batch_size // (args.micro_batch * world)
     if accum < 1 or accum * args.micro_batch * world != args.batch_size:
         raise DataError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch {args.micro_batch} "
@@ -293,6 +302,8 @@ def main(argv=None):
     steps_per_epoch = len(ds) // args.batch_size
     if steps_per_epoch == 0:
         raise DataError(f"{len(ds)} images is fewer than one batch of {args.batch_size}")
+    if args.fid_ref and not os.path.isfile(args.fid_ref):
+        raise DataError(f"--fid-ref {args.fid_ref}: file not found (make one with: python fid.py DATA --save-stats)")
     if args.lr is None:
         args.lr = 1e-4 * args.batch_size / 384
     total = args.max_steps or int(args.epochs * steps_per_epoch)

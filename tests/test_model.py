@@ -164,3 +164,13 @@ def test_presets_dict_has_paper_sizes():
     assert {"tiny", "S", "B", "L", "XL"} <= set(PRESETS)
     assert (PRESETS["B"]["enc_depth"], PRESETS["B"]["enc_width"]) == (12, 768)
     assert make_config("B").num_tokens == 256 and make_config("B").latent_dim == 32
+
+
+def test_bf16_autocast_step_is_finite():
+    m = tiny_model()
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, st = m(x, y)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)  # losses are computed in fp32
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)

@@ -144,3 +144,45 @@ def test_folder_dataset_and_sigterm_saves(tmp_path):
     assert "SIGTERM: saved" in stdout and "2 classes" in stdout
     ck = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
     assert ck["config"]["num_classes"] == 2 and ck["class_names"] == ["blue", "red"] and ck["step"] >= 2
+
+
+def test_cifar10_offline_and_corrupt_download(tmp_path, monkeypatch):
+    import data
+    monkeypatch.setenv("MINUNITE_CACHE", str(tmp_path))
+    monkeypatch.setattr(data, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")  # nothing listens there
+    with pytest.raises(data.DataError, match="put the file at .*cifar-10-python.tar.gz"):
+        data.get_dataset("cifar10")
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"truncated")
+    with pytest.raises(data.DataError, match="md5"):
+        data.get_dataset("cifar10")
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
+    import model
+    real = model.UNITE.forward
+
+    def nan_forward(self, *a, **k):
+        loss, st = real(self, *a, **k)
+        return loss * float("nan"), st
+    monkeypatch.setattr(model.UNITE, "forward", nan_forward)
+    from data import DataError
+    with pytest.raises(DataError, match="5 non-finite steps in a row"):
+        train.main(FAST + ["--out-dir", str(tmp_path), "--max-steps", "20"])
+    assert "step 0: non-finite" in open(tmp_path / "log.txt").read()
+
+
+def test_fid_during_training_with_a_test_made_inception_file(tmp_path):
+    import fid
+    torch.manual_seed(0)
+    w = tmp_path / "inception_random.pth"
+    torch.save(fid.InceptionV3(pretrained=False).state_dict(), w)  # random weights: only the plumbing is tested
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(64, 2048))
+    np.savez(tmp_path / "ref.npz", mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
+    out = tmp_path / "o"
+    train.main(FAST + ["--out-dir", str(out), "--max-steps", "2", "--fid-ref", str(tmp_path / "ref.npz"),
+                       "--fid-every", "2", "--fid-samples", "3", "--inception", str(w), "--sample-steps", "2"])
+    log = open(out / "log.txt").read()
+    assert "FID-3 " in log and "EMA, heun-2" in log
+    f = float(log.split("FID-3 ")[1].split()[0])
+    assert np.isfinite(f) and f > 0
