@@ -3,7 +3,7 @@ Sample from a UNITE checkpoint with its EMA weights and the sampling settings st
 
     python sample.py out/ckpt.pt                         # out/ckpt_samples.png: one row per class
     python sample.py out/ckpt.pt --cfg-scale 3 --steps 50 --sampler heun
-    torchrun --nproc_per_node=8 sample.py ckpt.pt --n 50000 --out-dir samples/   # PNGs for fid.py
+    torchrun --nproc_per_node=8 sample.py ckpt.pt --num-samples 50000 --out-dir samples/   # PNGs for fid.py
 
 Sample i always gets the same noise (seeded by --seed and i) and the label i % num_classes (class-balanced),
 so the images do not depend on the batch size or the number of GPUs.
@@ -41,7 +41,8 @@ def main(argv=None):
     p.add_argument("--cfg-scale", type=float, default=None)
     p.add_argument("--cfg-min-t", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n", type=int, default=None, help="number of images (grid default: 8 per class)")
+    # not --n: torchrun's own parser would take it for an abbreviation of --nnodes/--nproc-per-node
+    p.add_argument("--num-samples", type=int, default=None, help="number of images (grid default: 8 per class)")
     p.add_argument("--per-class", type=int, default=8, help="grid columns")
     p.add_argument("--out", default=None, help="grid PNG (default: <ckpt>_samples.png)")
     p.add_argument("--out-dir", default=None, help="write individual PNGs 000000.png ... here (for fid.py)")
@@ -69,7 +70,7 @@ def main(argv=None):
             f"cfg {kw['cfg_scale']} for t>{kw['cfg_min_t']} (all channels), seed {args.seed}")
 
     if args.out_dir:
-        n = args.n or 50000
+        n = args.num_samples or 50000
         os.makedirs(args.out_dir, exist_ok=True)
         mine = list(range(rank, n, world))
         from tqdm import tqdm
@@ -88,7 +89,7 @@ def main(argv=None):
     if rank != 0:
         return
     rows = min(K, 10)
-    n = args.n or rows * args.per_class
+    n = args.num_samples or rows * args.per_class
     labels = [i // args.per_class % K for i in range(n)] if K > 1 else None
     xs, nfe = [], 0
     for i in range(0, n, args.batch_size):

@@ -89,15 +89,21 @@ def test_sample_py_grid_and_png_dir(tmp_path):
     im = Image.open(os.path.join(out, "ckpt_samples.png"))
     assert im.size == (2 * 32, 6 * 32)  # 6 classes (shapes) as rows, 2 columns
     assert "NFE 6" in r.stdout and '"cfg_scale": 2.0' in r.stdout  # settings read from the checkpoint
-    r = run("sample.py", ck, "--steps", "2", "--n", "5", "--out-dir", str(tmp_path / "pngs"))
+    r = run("sample.py", ck, "--steps", "2", "--num-samples", "5", "--out-dir", str(tmp_path / "pngs"))
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(tmp_path / "pngs")) == [f"{i:06d}.png" for i in range(5)]
-    # sample i does not depend on the batch size
-    r = run("sample.py", ck, "--steps", "2", "--n", "5", "--batch-size", "2", "--out-dir", str(tmp_path / "pngs2"))
-    for i in range(5):
-        a = np.asarray(Image.open(tmp_path / "pngs" / f"{i:06d}.png"))
-        b = np.asarray(Image.open(tmp_path / "pngs2" / f"{i:06d}.png"))
-        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    # sample i depends neither on the batch size nor on the number of processes (torchrun shards the indices)
+    r = run("sample.py", ck, "--steps", "2", "--num-samples", "5", "--batch-size", "2", "--out-dir", str(tmp_path / "pngs2"))
+    assert r.returncode == 0, r.stderr
+    r = run("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518", "sample.py", ck,
+            "--steps", "2", "--num-samples", "5", "--device", "cpu", "--out-dir", str(tmp_path / "pngs3"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    for d in ("pngs2", "pngs3"):
+        assert sorted(os.listdir(tmp_path / d)) == [f"{i:06d}.png" for i in range(5)]
+        for i in range(5):
+            a = np.asarray(Image.open(tmp_path / "pngs" / f"{i:06d}.png"))
+            b = np.asarray(Image.open(tmp_path / d / f"{i:06d}.png"))
+            assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
 def one_line_error(r, text):
