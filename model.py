@@ -78,7 +78,8 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        x = F.scaled_dot_product_attention(q, k.to(v.dtype), v.to(q.dtype) if q.dtype != v.dtype else v)
+        # under autocast the QK-RMSNorm returns fp32 while v is bf16: attend in v's dtype (as the code)
+        x = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v)
         return self.proj(x.transpose(1, 2).reshape(B, T, D))                                        # (B, T, D)
 
 
