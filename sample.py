@@ -83,7 +83,7 @@ def main(argv=None):
             dist.barrier()
             dist.destroy_process_group()
         if rank == 0:
-            print(f"wrote {n} PNGs to {args.out_dir} | {card} | NFE {kw['steps'] * (2 if kw['method'] == 'heun' else 1)}")
+            print(f"wrote {n} PNGs to {args.out_dir} | {card} | NFE {nfe}")
             print(json.dumps({"n": n, "out_dir": args.out_dir, **kw, "seed": args.seed, "ema": not args.raw}))
         return
     if rank != 0:
