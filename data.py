@@ -1,5 +1,5 @@
 """
-Datasets and downloads shared by train.py, sample.py, fid.py and sendvae.py.
+Datasets, downloads and the run-time plumbing (processes, precision, checkpoints) shared by the scripts.
 
 - `shapes`: our built-in procedural dataset (offline, deterministic, 32x32 RGB). Each image is one shape
   (the class label) drawn with random colour, size, position and rotation on a two-tone gradient
@@ -10,6 +10,7 @@ Datasets and downloads shared by train.py, sample.py, fid.py and sendvae.py.
 
 Images are float tensors in [0, 1], shape (3, H, W), as UNITE's code trains on them (no mean/std).
 """
+import contextlib
 import functools
 import hashlib
 import os
@@ -20,6 +21,7 @@ import urllib.request
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -288,3 +290,81 @@ def get_dataset(name, resolution=32, split="train"):
         raise DataError(f"--data {name} is {ds.images.shape[-1]}x{ds.images.shape[-1]}, the model expects "
                         f"{resolution}x{resolution}: pick a model preset of that image size")
     return ds
+
+
+# -----------------------------------------------------------------------------
+# runtime shared by the training scripts (train.py, sendvae.py, molecules.py):
+# devices, processes, precision, data order, checkpoints, RNG state
+
+def setup_distributed(device_arg):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python train.py` is a world of one."""
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device_arg)
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device_arg == "cuda":
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        return rank, world, torch.device("cuda", local)
+    dist.init_process_group("gloo")  # CPU (and MPS hosts): gloo
+    return rank, world, torch.device(device_arg)
+
+
+def cpu_has_bf16():
+    """bf16 matmuls are fast only with AVX512-BF16 or AMX; without them they are ~3x slower than fp32."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def pick_precision(arg, device):
+    if arg == "auto":
+        ok = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_has_bf16()
+        arg = "bf16" if ok else "fp32"
+    return arg
+
+
+def autocast(device, precision):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def print0(*a, rank=0, log=None):
+    if rank == 0:
+        print(*a, flush=True)
+        if log is not None:
+            print(*a, file=log, flush=True)
+
+
+def batch_indices(n, global_batch, seed, start_step, accum, world, rank):
+    """Index lists for this rank, micro-step by micro-step, from start_step on. Epoch e is a fixed
+    permutation (seed + e); a global batch is split in order: micro-step m, rank r -> contiguous slice.
+    drop_last: every rank runs the same number of steps."""
+    steps_per_epoch, micro = n // global_batch, global_batch // (accum * world)
+    step = start_step
+    while True:
+        e, s = divmod(step, steps_per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + e))
+        for s in range(s, steps_per_epoch):
+            g = order[s * global_batch:(s + 1) * global_batch]
+            for m in range(accum):
+                yield g[(m * world + rank) * micro:(m * world + rank + 1) * micro].tolist()
+        step = (e + 1) * steps_per_epoch
+
+
+def save_checkpoint(path, ckpt):
+    """Atomic: a crash or SIGTERM never leaves a half-written ckpt.pt."""
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def rng_state(gen):
+    return {"torch": torch.get_rng_state(), "noise": gen.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state, gen):
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["noise"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -459,6 +459,44 @@ def generate(model, indices, num_classes, seed=0, labels=None, decoder=None, **s
 
 
 # -----------------------------------------------------------------------------
+# optimization: lr schedule, optimizers (Muon + AdamW as the released code), EMA
+
+def get_lr(step, args, steps_per_epoch, total_steps):
+    """Released config: linear warmup -> hold -> cosine down to min_lr_frac * lr by decay_end -> constant."""
+    warm = args.warmup_epochs * steps_per_epoch
+    hold = max(warm, args.hold_epochs * steps_per_epoch)
+    end = total_steps if args.decay_epochs is None else args.decay_epochs * steps_per_epoch
+    if step < warm:
+        return args.lr * (step + 1) / warm
+    if step < hold or end <= hold:
+        return args.lr
+    frac = min(1.0, (step - hold) / (end - hold))
+    return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def make_optimizers(model, args):
+    """Muon for the 2-D weight matrices (as the code: not the patch embed, final layer, in-context or register
+    position embeddings), AdamW (betas 0.9/0.999, eps 1e-6, wd 0) for everything else."""
+    excluded = ("patch_embed", "final_", "in_context_pos", "latent_pos")
+    muon, rest = [], []
+    for name, p in model.named_parameters():
+        use_muon = args.optimizer == "muon" and p.ndim == 2 and not any(k in name for k in excluded)
+        (muon if use_muon else rest).append(p)
+    opts = [torch.optim.AdamW(rest, lr=args.lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0)]
+    if muon:
+        opts.append(torch.optim.Muon(muon, lr=args.lr, momentum=0.95, weight_decay=0.0,
+                                     adjust_lr_fn="match_rms_adamw"))
+    return opts
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay, step):
+    d = min(decay, (1 + step) / (10 + step))  # warm-up: an early EMA is not poisoned by the random init
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach().float(), 1 - d)
+
+
+# -----------------------------------------------------------------------------
 # size presets: GE / decoder shapes. B = GE 12x768 (130.6M) + decoder 12x768 (86.2M); L and XL keep the B decoder.
 
 PRESETS = {

@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
 import signal
 import sys
@@ -33,8 +32,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import DataError, error_line, get_dataset, save_grid
-from model import PRESETS, UNITE, count_params, draw_noise, generate, make_config
+from data import (DataError, autocast, batch_indices, error_line, get_dataset, pick_precision, print0, rng_state,
+                  save_checkpoint, save_grid, set_rng_state, setup_distributed)
+from model import (PRESETS, UNITE, count_params, draw_noise, generate, get_lr, make_config, make_optimizers,
+                   update_ema)
 
 # run defaults: the paper's (A1 Tab. 8 + released config) for the big presets, a CPU budget for tiny
 # (tiny: a flat lr after warmup; the EMA does the averaging. Measured: +3.3 dB PSNR over a cosine decay to 0.1x)
@@ -99,121 +100,6 @@ def parse_args(argv=None):
     if args.data is None:
         raise DataError(f"--data is required for --model {args.model} (an ImageFolder path, or cifar10)")
     return args
-
-
-# -----------------------------------------------------------------------------
-# devices, processes, precision
-
-def setup_distributed(device_arg):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python train.py` is a world of one."""
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device(device_arg)
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if device_arg == "cuda":
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
-        return rank, world, torch.device("cuda", local)
-    dist.init_process_group("gloo")  # CPU (and MPS hosts): gloo
-    return rank, world, torch.device(device_arg)
-
-
-def cpu_has_bf16():
-    """bf16 matmuls are fast only with AVX512-BF16 or AMX; without them they are ~3x slower than fp32."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def pick_precision(arg, device):
-    if arg == "auto":
-        ok = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_has_bf16()
-        arg = "bf16" if ok else "fp32"
-    return arg
-
-
-def autocast(device, precision):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def print0(*a, rank=0, log=None):
-    if rank == 0:
-        print(*a, flush=True)
-        if log is not None:
-            print(*a, file=log, flush=True)
-
-
-# -----------------------------------------------------------------------------
-# schedule, data order, optimizers, EMA, checkpoints
-
-def get_lr(step, args, steps_per_epoch, total_steps):
-    """Released config: linear warmup -> hold -> cosine down to min_lr_frac * lr by decay_end -> constant."""
-    warm = args.warmup_epochs * steps_per_epoch
-    hold = max(warm, args.hold_epochs * steps_per_epoch)
-    end = total_steps if args.decay_epochs is None else args.decay_epochs * steps_per_epoch
-    if step < warm:
-        return args.lr * (step + 1) / warm
-    if step < hold or end <= hold:
-        return args.lr
-    frac = min(1.0, (step - hold) / (end - hold))
-    return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-def batch_indices(n, global_batch, seed, start_step, accum, world, rank):
-    """Index lists for this rank, micro-step by micro-step, from start_step on. Epoch e is a fixed
-    permutation (seed + e); a global batch is split in order: micro-step m, rank r -> contiguous slice.
-    drop_last: every rank runs the same number of steps."""
-    steps_per_epoch, micro = n // global_batch, global_batch // (accum * world)
-    step = start_step
-    while True:
-        e, s = divmod(step, steps_per_epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + e))
-        for s in range(s, steps_per_epoch):
-            g = order[s * global_batch:(s + 1) * global_batch]
-            for m in range(accum):
-                yield g[(m * world + rank) * micro:(m * world + rank + 1) * micro].tolist()
-        step = (e + 1) * steps_per_epoch
-
-
-def make_optimizers(model, args):
-    """Muon for the 2-D weight matrices (as the code: not the patch embed, final layer, in-context or register
-    position embeddings), AdamW (betas 0.9/0.999, eps 1e-6, wd 0) for everything else."""
-    excluded = ("patch_embed", "final_", "in_context_pos", "latent_pos")
-    muon, rest = [], []
-    for name, p in model.named_parameters():
-        use_muon = args.optimizer == "muon" and p.ndim == 2 and not any(k in name for k in excluded)
-        (muon if use_muon else rest).append(p)
-    opts = [torch.optim.AdamW(rest, lr=args.lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0)]
-    if muon:
-        opts.append(torch.optim.Muon(muon, lr=args.lr, momentum=0.95, weight_decay=0.0,
-                                     adjust_lr_fn="match_rms_adamw"))
-    return opts
-
-
-@torch.no_grad()
-def update_ema(ema, model, decay, step):
-    d = min(decay, (1 + step) / (10 + step))  # warm-up: an early EMA is not poisoned by the random init
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach().float(), 1 - d)
-
-
-def save_checkpoint(path, ckpt):
-    """Atomic: a crash or SIGTERM never leaves a half-written ckpt.pt."""
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def rng_state(gen):
-    return {"torch": torch.get_rng_state(), "noise": gen.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state, gen):
-    torch.set_rng_state(state["torch"])
-    gen.set_state(state["noise"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # -----------------------------------------------------------------------------
