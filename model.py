@@ -158,31 +158,47 @@ class UniteConfig:
     separate: bool = False          # Tab. 7a: separate tokenizer and denoiser weights
     no_stopgrad: bool = False       # Tab. 7a: let the flow loss reach the tokenizer pass through z0
     grad_checkpoint: bool = False   # recompute GE blocks in the denoising pass (memory for large K)
+    latent_tokens: int = 0          # latent registers; 0 = one per image patch (molecules.py sets its own)
+    input_tokens: int = 0           # tokens the input embedding appends after the registers; 0 = image patches
 
     @property
     def grid(self):
         return self.image_size // self.patch_size
 
     @property
-    def num_tokens(self):           # latent registers = image patches (256 at 256 px, patch 16)
-        return self.grid ** 2
+    def num_tokens(self):           # latent registers = image patches (256 at 256 px, patch 16) unless set
+        return self.latent_tokens or self.grid ** 2
 
 
 # -----------------------------------------------------------------------------
 # the Generative Encoder
+
+class PatchEmbed(nn.Conv2d):
+    """The image input embedding: (B, 3, H, W) -> patch tokens (B, P, D) in raster order. Any module with this
+    contract (input -> (B, P, D)) can replace it; molecules.py passes its atom-token embedding."""
+
+    def __init__(self, dim, patch_size):
+        super().__init__(3, dim, patch_size, patch_size)
+
+    def forward(self, images):
+        return super().forward(images).flatten(2).transpose(1, 2)                     # (B, P, D)
+
 
 class GenerativeEncoder(nn.Module):
     """One transformer, two modes on the same weights:
       tokenize(images)   -> z0 (B, K, C): registers start as Gaussian noise, t ~ U[0, 0.01), null class,
                             image patch tokens appended after the registers (patches are dropped at the end).
       denoise(z_t, t, y) -> x-prediction (B, K, C) of z0.
-    Both outputs go through the same affine LayerNorm(C) (the paper's "final normalization", Tab. 7b)."""
+    Both outputs go through the same affine LayerNorm(C) (the paper's "final normalization", Tab. 7b).
+    `input_embed` maps the tokenizer's input to (B, P, D) tokens (default: image patches; kept under the name
+    patch_embed so image checkpoints keep their keys)."""
 
-    def __init__(self, cfg: UniteConfig, with_patch_embed=True):
+    def __init__(self, cfg: UniteConfig, with_patch_embed=True, input_embed=None):
         super().__init__()
         self.cfg = cfg
         D, K = cfg.enc_width, cfg.num_tokens
-        self.patch_embed = nn.Conv2d(3, D, cfg.patch_size, cfg.patch_size) if with_patch_embed else None
+        self.patch_embed = (input_embed if input_embed is not None
+                            else PatchEmbed(D, cfg.patch_size) if with_patch_embed else None)
         # In the released code the image patches get no absolute position embedding (its MAE pos-emb buffer
         # stays zero): patch positions come only from RoPE, in raster order after the registers.
         self.latent_in = nn.Linear(cfg.latent_dim, D)
@@ -197,7 +213,7 @@ class GenerativeEncoder(nn.Module):
         self.final_linear = nn.Linear(D, cfg.latent_dim)
         self.out_norm = nn.LayerNorm(cfg.latent_dim)                                  # affine, on every output
         hd = D // cfg.enc_heads
-        max_tokens = 2 * K  # registers + patches
+        max_tokens = K + (cfg.input_tokens or cfg.grid ** 2)  # registers + patches (or other input tokens)
         for name, n_id in (("rope", 0), ("rope_ic", cfg.in_context_len)):
             cos, sin = rope_tables(max_tokens, hd, n_id)
             self.register_buffer(name + "_cos", cos, persistent=False)
@@ -221,12 +237,12 @@ class GenerativeEncoder(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, z, t, y, images=None):
-        """z (B, K, C) registers, t (B,) in [0,1], y (B,) labels (num_classes = null), images (B, 3, H, W) or None.
-        Returns the LayerNorm-ed register outputs (B, K, C)."""
+        """z (B, K, C) registers, t (B,) in [0,1], y (B,) labels (num_classes = null), images (B, 3, H, W) (or
+        whatever input_embed takes) or None. Returns the LayerNorm-ed register outputs (B, K, C)."""
         cfg, K = self.cfg, z.shape[1]
         x = self.latent_in(z) + self.latent_pos                                       # (B, K, D)
         if images is not None:
-            p = self.patch_embed(images).flatten(2).transpose(1, 2)                   # (B, P, D)
+            p = self.patch_embed(images)                                              # (B, P, D)
             x = torch.cat([x, p], dim=1)                                              # (B, K+P, D)
         y_emb = self.y_embed(y)                                                       # (B, D)
         c = self.t_embed(t) + y_emb                                                   # (B, D) drives every adaLN
@@ -360,16 +376,23 @@ def flow_loss(denoiser, z0, y, noise, cfg: UniteConfig):
     return per_sample.mean() * K                                                      # = sum over copies
 
 
+def l1_loss(recon, images):
+    return F.l1_loss(recon, images.float())                                           # L1 on [0, 1] images
+
+
 class UNITE(nn.Module):
     """The whole model: Generative Encoder (+ a separate denoiser if cfg.separate) and the decoder.
-    forward(images, labels, noise) runs one training step's two passes and returns (loss, stats)."""
+    forward(images, labels, noise) runs one training step's two passes and returns (loss, stats).
+    Other modalities pass their own input embedding, decoder and recon_loss(decoder_output, input) -> scalar
+    (molecules.py); the GE, the flow loss and the samplers are the same."""
 
-    def __init__(self, cfg: UniteConfig):
+    def __init__(self, cfg: UniteConfig, input_embed=None, decoder=None, recon_loss=l1_loss):
         super().__init__()
         self.cfg = cfg
-        self.encoder = GenerativeEncoder(cfg)
+        self.encoder = GenerativeEncoder(cfg, input_embed=input_embed)
         self.denoiser_ = GenerativeEncoder(cfg, with_patch_embed=False) if cfg.separate else None
-        self.decoder = Decoder(cfg)
+        self.decoder = decoder if decoder is not None else Decoder(cfg)
+        self.recon_loss = recon_loss
 
     @property
     def denoiser(self):
@@ -382,7 +405,7 @@ class UNITE(nn.Module):
         null = torch.full_like(labels, cfg.num_classes)
         z0 = self.encoder(noise["registers"], noise["recon_t"], null, images)        # pass 1: (B, T, C)
         recon = self.decoder(noise_augment(z0, noise))
-        rec = F.l1_loss(recon, images.float())                                        # L1 on [0, 1] images
+        rec = self.recon_loss(recon, images)
         zd = z0 if cfg.no_stopgrad else z0.detach()                                   # stop-grad (Tab. 7a)
         flow = flow_loss(self.denoiser, zd.float(), labels, noise, cfg)               # pass 2
         return rec + flow, {"recon": rec.detach(), "flow": flow.detach()}
