@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from data import DataError, error_line, save_grid, save_png
-from model import UNITE, UniteConfig, generate
+from model import UNITE, TwoStage, UniteConfig, VAEConfig, generate
 
 
 def load_model(path, device, use_ema=True):
@@ -26,7 +26,8 @@ def load_model(path, device, use_ema=True):
         raise DataError(f"checkpoint not found: {path}")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-        model = UNITE(UniteConfig(**ck["config"]))
+        cfg = UniteConfig(**ck["config"])  # a two-stage checkpoint (train.py --tokenizer) carries its VAE
+        model = TwoStage(cfg, VAEConfig(**ck["vae_config"])) if "vae_config" in ck else UNITE(cfg)
         model.load_state_dict(ck["ema" if use_ema else "model"])
     except Exception as e:
         raise DataError(f"{path} is not a UNITE checkpoint of this code ({type(e).__name__}: {e})") from None

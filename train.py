@@ -34,8 +34,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import (DataError, autocast, batch_indices, error_line, get_dataset, pick_precision, print0, rng_state,
                   save_checkpoint, save_grid, set_rng_state, setup_distributed)
-from model import (PRESETS, UNITE, count_params, draw_noise, generate, get_lr, make_config, make_optimizers,
-                   update_ema)
+from model import (PRESETS, UNITE, TwoStage, VAEConfig, count_params, draw_noise, generate, get_lr, make_config,
+                   make_optimizers, update_ema)
 
 # run defaults: the paper's (A1 Tab. 8 + released config) for the big presets, a CPU budget for tiny
 # (tiny: a flat lr after warmup; the EMA does the averaging. Measured: +3.3 dB PSNR over a cosine decay to 0.1x)
@@ -57,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--separate", action="store_true", help="separate tokenizer/denoiser weights (Tab. 7a)")
     p.add_argument("--no-stopgrad", action="store_true", help="flow loss also reaches the tokenizer (Tab. 7a)")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute GE blocks in the flow pass")
+    p.add_argument("--tokenizer", default="", help="two-stage baseline: a sendvae.py checkpoint; the GE trains "
+                   "denoise-only (a SiT) on its frozen VAE's latents")
+    p.add_argument("--latent-stats-images", type=int, default=2000, help="images for the --tokenizer latent mean/std")
     # optimisation
     p.add_argument("--batch-size", type=int, default=None, help="global batch = micro x accum x world")
     p.add_argument("--micro-batch", type=int, default=None, help="per-process micro-batch (0: batch / processes)")
@@ -100,6 +103,16 @@ def parse_args(argv=None):
     if args.data is None:
         raise DataError(f"--data is required for --model {args.model} (an ImageFolder path, or cifar10)")
     return args
+
+
+def load_tokenizer(path):
+    """(VAEConfig, VAE weights, VFM label) of a sendvae.py checkpoint (--tokenizer)."""
+    if not os.path.isfile(path):
+        raise DataError(f"--tokenizer {path}: file not found")
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    if "vae_config" not in ck:
+        raise DataError(f"--tokenizer {path} is not a sendvae.py checkpoint")
+    return VAEConfig(**ck["vae_config"]), ck["vae"], ck.get("vfm", "?")
 
 
 # -----------------------------------------------------------------------------
@@ -177,8 +190,14 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     ds = get_dataset(args.data, make_config(args.model).image_size, "train")
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    # two-stage: the VAE latent (B, C, h, w) becomes h*w GE tokens of C channels (patch = the VAE's down-sampling)
+    tok_cfg = dict(patch_size=tok[0].factor, latent_dim=tok[0].z_channels) if tok else {}
     cfg = make_config(args.model, num_classes=ds.num_classes, flow_copies=args.flow_copies,
-                      separate=args.separate, no_stopgrad=args.no_stopgrad, grad_checkpoint=args.grad_checkpoint)
+                      separate=args.separate, no_stopgrad=args.no_stopgrad, grad_checkpoint=args.grad_checkpoint,
+                      **tok_cfg)
+    if tok and cfg.image_size % tok[0].factor:
+        raise DataError(f"--tokenizer: {cfg.image_size} px images do not divide by the VAE's factor {tok[0].factor}")
     if ds.num_classes == 1:
         args.cfg_scale = 1.0  # a flat folder is unconditional: nothing to guide
     args.micro_batch = args.micro_batch or args.batch_size // world
@@ -196,7 +215,14 @@ def main(argv=None):
     total = args.max_steps or int(args.epochs * steps_per_epoch)
 
     torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts it)
-    raw = UNITE(cfg).to(device)
+    if tok:
+        raw = TwoStage(cfg, tok[0]).to(device)
+        raw.decoder.vae.load_state_dict(tok[1])
+        n = min(args.latent_stats_images, len(ds))  # per-channel latent mean/std: once, then stored in the ckpt
+        raw.decoder.fit_latent_stats(torch.stack([ds[i][0] for i in range(j, min(n, j + 100))]).to(device)
+                                     for j in range(0, n, 100))
+    else:
+        raw = UNITE(cfg).to(device)
     ema = copy.deepcopy(raw).float().eval().requires_grad_(False)
     opts = make_optimizers(raw, args)
     gen = torch.Generator(device).manual_seed(args.seed)  # the step noise: identical on every rank
@@ -223,6 +249,10 @@ def main(argv=None):
        + f" | data {args.data}: {len(ds)} images, {ds.num_classes} classes | device {device}, {precision}, "
          f"world {world} | batch {args.batch_size} = {args.micro_batch} x {accum} accum x {world} | "
          f"{total} steps ({steps_per_epoch} per epoch) | lr {args.lr:.2e} {args.optimizer}")
+    if tok:
+        p0(f"two-stage: GE denoise-only (a SiT) on the frozen VAE of {args.tokenizer} (VFM: {tok[2]}); the decoder "
+           f"above is that VAE | latent mean {raw.decoder.latent_mean.mean():.3f} std {raw.decoder.latent_std.mean():.3f}"
+           f" (channel averages, {n} images)")
     p0("args: " + json.dumps(vars(args)))
 
     workers = args.num_workers if args.num_workers is not None else (0 if hasattr(ds, "images") else 8)
@@ -238,7 +268,8 @@ def main(argv=None):
             save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), {
                 "model": raw.state_dict(), "ema": ema.state_dict(), "optimizer": [o.state_dict() for o in opts],
                 "step": step, "config": asdict(cfg), "args": vars(args), "rng": rng_state(gen),
-                "class_names": list(ds.class_names), "data": args.data})
+                "class_names": list(ds.class_names), "data": args.data,
+                **({"vae_config": asdict(tok[0]), "tokenizer": args.tokenizer} if tok else {})})
         if world > 1:
             dist.barrier()
 
