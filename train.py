@@ -224,7 +224,7 @@ def main(argv=None):
     else:
         raw = UNITE(cfg).to(device)
     ema = copy.deepcopy(raw).float().eval().requires_grad_(False)
-    opts = make_optimizers(raw, args)
+    opts = make_optimizers(raw, args, ns_dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     gen = torch.Generator(device).manual_seed(args.seed)  # the step noise: identical on every rank
     step = 0
     resume = os.path.join(args.out_dir, "ckpt.pt") if args.resume == "auto" else args.resume

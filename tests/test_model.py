@@ -174,3 +174,29 @@ def test_bf16_autocast_step_is_finite():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)  # losses are computed in fp32
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_batched_muon_equals_torch_muon():
+    """model.Muon batches Newton-Schulz over same-shape matrices: in bf16 it must give torch.optim.Muon's weights
+    bit for bit; in fp32 (the CPU default without bf16 units) it must stay within bf16 rounding of them."""
+    from model import Muon
+    torch.manual_seed(0)
+    shapes = [(64, 32), (64, 32), (32, 96), (48, 48)]
+    ref = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    init = [p.detach().clone() for p in ref]
+    ours = {dt: [torch.nn.Parameter(p.detach().clone()) for p in ref] for dt in (torch.bfloat16, torch.float32)}
+    kw = dict(lr=0.02, weight_decay=0.01, adjust_lr_fn="match_rms_adamw")
+    opts = [torch.optim.Muon(ref, **kw)] + [Muon(ps, ns_dtype=dt, **kw) for dt, ps in ours.items()]
+    for _ in range(3):
+        grads = [torch.randn(s) for s in shapes]
+        for ps in [ref, *ours.values()]:
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+        for o in opts:
+            o.step()
+    for r, b, f, w0 in zip(ref, ours[torch.bfloat16], ours[torch.float32], init):
+        assert torch.equal(r, b)
+        moved = (r - w0).norm()                     # what 3 steps changed
+        assert 0 < (r - f).norm() < 0.02 * moved    # fp32 NS: the same update up to bf16 rounding (~0.4%)
+    # the state is torch's: a checkpoint of one loads into the other
+    opts[2].load_state_dict(opts[0].state_dict())
