@@ -516,9 +516,10 @@ class Muon(torch.optim.Muon):
     """torch.optim.Muon (same arguments, state and update) with two speed-ups: the Newton-Schulz iteration is
     batched over matrices of the same shape, and runs in `ns_dtype`. torch's runs it per matrix in bf16, which
     on CPUs without bf16 units (AVX512-BF16 / AMX) is ~3.5x slower than fp32: there it took ~45% of the tiny
-    preset's training step. train.py passes bf16 when the run is bf16 (GPUs: as torch and the released code)."""
+    preset's training step. ns_dtype=None: bf16 on CUDA (as torch and the released code), fp32 elsewhere;
+    train.py passes bf16 exactly when the run is bf16."""
 
-    def __init__(self, params, ns_dtype=torch.bfloat16, **kwargs):
+    def __init__(self, params, ns_dtype=None, **kwargs):
         super().__init__(params, **kwargs)
         self.ns_dtype = ns_dtype
 
@@ -534,15 +535,16 @@ class Muon(torch.optim.Muon):
                 u = p.grad.lerp(buf, g["momentum"]) if g["nesterov"] else buf
                 by_shape.setdefault(tuple(p.shape), []).append((p, u))
             for (A, B), items in by_shape.items():
-                U = newton_schulz(torch.stack([u for _, u in items]), g["ns_coefficients"], g["ns_steps"], g["eps"],
-                                  self.ns_dtype)
+                U = torch.stack([u for _, u in items])                            # (N, A, B)
+                dtype = self.ns_dtype or (torch.bfloat16 if U.is_cuda else torch.float32)
+                U = newton_schulz(U, g["ns_coefficients"], g["ns_steps"], g["eps"], dtype)
                 ratio = 0.2 * math.sqrt(max(A, B)) if g["adjust_lr_fn"] == "match_rms_adamw" else math.sqrt(max(1, A / B))
                 for (p, _), u in zip(items, U):
                     p.mul_(1 - g["lr"] * g["weight_decay"])
                     p.add_(u, alpha=-g["lr"] * ratio)
 
 
-def make_optimizers(model, args, ns_dtype=torch.bfloat16):
+def make_optimizers(model, args, ns_dtype=None):
     """Muon for the 2-D weight matrices (as the code: not the patch embed, final layer, in-context or register
     position embeddings), AdamW (betas 0.9/0.999, eps 1e-6, wd 0) for everything else."""
     excluded = ("patch_embed", "final_", "in_context_pos", "latent_pos")

@@ -68,6 +68,8 @@ def parse_args(argv=None):
                    help="muon: torch.optim.Muon on 2-D weights + AdamW on the rest (released code)")
     p.add_argument("--epochs", type=float, default=None)
     p.add_argument("--max-steps", type=int, default=None, help="overrides --epochs")
+    p.add_argument("--time-budget", type=float, default=0, help="also stop after this many seconds of this process's "
+                   "CPU time in the loop (0 = off; equal-budget comparisons, bench.py --ablation)")
     p.add_argument("--warmup-epochs", type=float, default=None)
     p.add_argument("--hold-epochs", type=float, default=None, help="constant lr after warmup until here")
     p.add_argument("--decay-epochs", type=float, default=None, help="cosine to min-lr-frac by here (default: end)")
@@ -277,8 +279,16 @@ def main(argv=None):
     # progress bar on a terminal only: in log files and CI the per-interval lines say the same
     bar = tqdm(total=total, initial=step, disable=rank != 0 or not sys.stderr.isatty(), dynamic_ncols=True)
     t0, seen, bad, stats = time.time(), 0, 0, torch.zeros(3, device=device)
-    t_start, step_start = time.time(), step
-    while step < total and not stop:
+    t_start, step_start, cpu0 = time.time(), step, time.process_time()
+
+    def out_of_time():  # CPU time, not wall time: a budget comparison stays fair on a shared machine
+        if args.time_budget <= 0:
+            return False
+        over = torch.tensor(float(time.process_time() - cpu0 > args.time_budget), device=device)
+        if world > 1:
+            dist.all_reduce(over, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        return bool(over)
+    while step < total and not stop and not out_of_time():
         # ------------------------------------------------ one optimization step
         lr = get_lr(step, args, steps_per_epoch, total)
         for o in opts:
@@ -340,13 +350,14 @@ def main(argv=None):
             p0(f"step {step} | FID-{args.fid_samples} {f:.3f} (EMA, {args.sampler}-{args.sample_steps}, "
                f"cfg {args.cfg_scale} for t>{args.cfg_min_t})")
     bar.close()
-    train_s = time.time() - t_start
+    train_s, train_cpu_s = time.time() - t_start, time.process_time() - cpu0
     checkpoint()
     if stop:
         p0(f"SIGTERM: saved {args.out_dir}/ckpt.pt at step {step}, exiting")
         return
     # ------------------------------------------------ end of run: figures, last stdout line = JSON
     res = {"model": args.model, "data": args.data, "steps": step, "wall_s": round(train_s, 1),
+           "cpu_s": round(train_cpu_s, 1),
            "img_per_s": round((step - step_start) * args.batch_size / max(train_s, 1e-9), 1)}
     if rank == 0:
         sample_grid(ema, cfg.num_classes, args, os.path.join(args.out_dir, "samples.png"))

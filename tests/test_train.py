@@ -1,5 +1,6 @@
 """train.py / sample.py tests: checkpoint round trip, exact resume, DDP == one process, gradient accumulation,
 user errors. Run: python -m pytest tests/test_train.py -q"""
+import json
 import os
 import signal
 import subprocess
@@ -192,3 +193,11 @@ def test_fid_during_training_with_a_test_made_inception_file(tmp_path):
     assert "FID-3 " in log and "EMA, heun-2" in log
     f = float(log.split("FID-3 ")[1].split()[0])
     assert np.isfinite(f) and f > 0
+
+
+def test_time_budget_stops_the_loop(tmp_path, capsys):
+    """--time-budget (CPU seconds of the loop) ends a run long before --max-steps, which still ends cleanly."""
+    train.main(FAST + ["--out-dir", str(tmp_path), "--max-steps", "100000", "--time-budget", "1"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 < res["steps"] < 100000 and 1 <= res["cpu_s"] < 30
+    assert weights(tmp_path / "ckpt.pt", "step") == res["steps"]
