@@ -14,10 +14,22 @@ It prints:
   eigenvalue path vs the scipy.linalg.sqrtm path of pytorch-fid.
 `tiny_train_peak_fraction` = achieved FLOP/s of the tiny training step (best precision) / measured bf16 matmul peak.
 Weights are random: speed does not depend on them.
+
+    python bench.py --ablation images --budget 240 --seeds 0,1   # the paper's Tab. 7a ablation, small scale
+    python bench.py --ablation qm9 --budget 180
+
+--ablation trains each variant for the same CPU-time budget (seconds of its own process's CPU time, one thread,
+so the comparison stays fair on a shared machine) with the scripts' own defaults, and tabulates their JSON lines:
+images: (1) UNITE shared + stop-grad, (2) separate tokenizer / denoiser, (3) shared without stop-grad,
+(4) plain VAE -> SiT, (5) Send-VAE -> SiT (the two stages split the budget in half);
+qm9: (1)-(3) on QM9 graphs.
 """
 import argparse
 import copy
 import json
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -137,6 +149,74 @@ def frechet_times(dim, n_feat):
 
 
 # -----------------------------------------------------------------------------
+# the ablation: every variant for the same CPU-time budget, through the scripts' command lines
+
+def run_script(*argv, out=None):
+    """Run one of our scripts on one thread and return its last stdout line (a JSON object). With `out`, the line is
+    kept in out/result.json and a later call reuses it: an interrupted ablation continues where it stopped."""
+    done = os.path.join(out, "result.json") if out else None
+    if done and os.path.exists(done):
+        return json.load(open(done))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    if p.returncode != 0:
+        sys.exit(f"error: {' '.join(argv)} failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    if done:
+        json.dump(res, open(done, "w"))
+    return res
+
+
+def image_variant(name, budget, seed, out):
+    """One variant of the image ablation -> {psnr, fd, probe_f1, steps}."""
+    common = ["--seed", str(seed), "--max-steps", "1000000"]
+    if name in ("shared", "separate", "no-stopgrad"):
+        flags = {"shared": [], "separate": ["--separate"], "no-stopgrad": ["--no-stopgrad"]}[name]
+        r = run_script("train.py", *common, *flags, "--time-budget", str(budget), "--out-dir", out, out=out)
+        probe = run_script("sendvae.py", "--probe", os.path.join(out, "ckpt.pt"))
+        return dict(psnr=r["psnr"], fd=r["fd_shapes_500"], probe_f1=probe["probe_f1_mean"], steps=r["steps"])
+    align = "1" if name == "sendvae-sit" else "0"                       # (5) Send-VAE, (4) plain VAE
+    v = run_script("sendvae.py", *common, "--align-weight", align, "--time-budget", str(budget / 2),
+                   "--out-dir", out + "_vae", out=out + "_vae")
+    r = run_script("train.py", *common, "--tokenizer", os.path.join(out + "_vae", "ckpt.pt"),
+                   "--time-budget", str(budget / 2), "--out-dir", out, out=out)
+    return dict(psnr=v["psnr"], fd=r["fd_shapes_500"], probe_f1=v["probe_f1_mean"], steps=f"{v['steps']}+{r['steps']}")
+
+
+def qm9_variant(name, budget, seed, out):
+    flags = {"shared": [], "separate": ["--separate"], "no-stopgrad": ["--no-stopgrad"]}[name]
+    r = run_script("molecules.py", "--seed", str(seed), *flags, "--time-budget", str(budget), "--out-dir", out,
+                   out=out)
+    return dict(validity=r["validity"], uniqueness=r["uniqueness"], fcd=r["fcd"], recon=r.get("recon_match"),
+                steps=r.get("steps"))
+
+
+def ablation(args):
+    variants = {"images": ["shared", "separate", "no-stopgrad", "vae-sit", "sendvae-sit"],
+                "qm9": ["shared", "separate", "no-stopgrad"]}[args.ablation]
+    run = image_variant if args.ablation == "images" else qm9_variant
+    rows = {}
+    for name in variants:
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            out = os.path.join(args.out_dir, f"{args.ablation}_{name}_s{seed}")
+            rows.setdefault(name, []).append(run(name, args.budget, seed, out))
+            print(f"{args.ablation} {name} seed {seed}: {json.dumps(rows[name][-1])}", flush=True)
+    keys = [k for k in rows[variants[0]][0] if k != "steps"]
+    print(f"\n{args.ablation}, {args.budget:.0f} CPU-s per variant, seeds {args.seeds} (mean, and each seed):")
+    print("| variant | " + " | ".join(keys) + " | steps |")
+    print("|---" * (len(keys) + 2) + "|")
+    summary = {}
+    for name, rs in rows.items():
+        means = {k: float(np.mean([r[k] for r in rs])) for k in keys}
+        summary[name] = {**means, "runs": rs}
+        cells = [f"{means[k]:.3f} ({', '.join(f'{r[k]:.3f}' for r in rs)})" if len(rs) > 1 else f"{means[k]:.3f}"
+                 for k in keys]
+        print(f"| {name} | " + " | ".join(cells) + f" | {', '.join(str(r['steps']) for r in rs)} |")
+    print(json.dumps({"ablation": args.ablation, "budget_cpu_s": args.budget, "seeds": args.seeds, **summary}))
+
+
+# -----------------------------------------------------------------------------
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,7 +227,13 @@ def main(argv=None):
     p.add_argument("--s-batch", type=int, default=2, help="S at 256 px: a CPU-sized batch")
     p.add_argument("--flow-copies", type=int, default=2, help="K for both presets (the paper's 14 is 7x the flow pass)")
     p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--ablation", default="", choices=["", "images", "qm9"], help="run the equal-budget ablation")
+    p.add_argument("--budget", type=float, default=240, help="ablation: CPU seconds of training per variant")
+    p.add_argument("--seeds", default="0", help="ablation: comma-separated seeds")
+    p.add_argument("--out-dir", default="out_ablation")
     args = p.parse_args(argv)
+    if args.ablation:
+        return ablation(args)
     dev = args.device
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else "cpu"
