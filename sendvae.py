@@ -374,7 +374,7 @@ def print_probe(f1, mean, source):
 # the command line: train (default) or --probe
 
 RUNS = {  # run defaults: a CPU budget for tiny; the paper's for the 256 px presets (AdamW 3e-4, batch 1024, 80 ep)
-    "tiny": dict(data="shapes", vfm="shapesnet", batch_size=32, lr=1e-3, max_steps=400, proj_dim=256),
+    "tiny": dict(data="shapes", vfm="shapesnet", batch_size=32, lr=1e-3, max_steps=600, proj_dim=256),
     "paper": dict(data=None, vfm="dinov2_vitb14", batch_size=1024, lr=3e-4, max_steps=100_000, proj_dim=2048),
 }
 
