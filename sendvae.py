@@ -399,6 +399,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="AdamW (paper 3e-4)")
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--time-budget", type=float, default=0, help="also stop after this many CPU-seconds of the loop "
+                   "(0 = off; bench.py --ablation)")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -432,6 +434,35 @@ def load_vae(path):
     return vae.eval(), ck
 
 
+class UniteTokenizer(UniteFeatures):
+    """A one-stage UNITE checkpoint's tokenizer as the probe sees a VAE: encode(x) -> (z0 (B, K, C),)."""
+
+    def encode(self, x):
+        return (self(x),)
+
+
+def load_probe_target(path):
+    """--probe CKPT: a sendvae.py checkpoint (its VAE's posterior means) or a train.py UNITE checkpoint (the EMA
+    Generative Encoder's tokens), so that bench.py's ablation probes both kinds the same way.
+    Returns (module with .encode, image size, description)."""
+    if not os.path.isfile(path):
+        raise DataError(f"checkpoint not found: {path}")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"{path} is not a checkpoint ({type(e).__name__})") from None
+    if "vae" in ck:
+        vae, ck = load_vae(path)
+        return vae, vae.cfg.resolution, f"VAE, VFM {ck.get('vfm')}, align weight {ck['args']['align_weight']}"
+    try:
+        m = UNITE(UniteConfig(**ck["config"]))
+        m.load_state_dict(ck["ema"])
+    except Exception as e:
+        raise DataError(f"{path} is neither a sendvae.py nor a one-stage train.py checkpoint "
+                        f"({type(e).__name__})") from None
+    return UniteTokenizer(m.encoder).eval(), m.cfg.image_size, "UNITE Generative Encoder (EMA), tokenizer pass"
+
+
 @torch.no_grad()
 def evaluate(vae, mapper, vfm, images, align_noise, seed, batch=250):
     """(PSNR in dB of the posterior-mean reconstruction, mean alignment cosine) on images (N, 3, H, W) uint8.
@@ -455,10 +486,9 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     if args.probe:  # ------------------------------------------------ probe only
-        vae, ck = load_vae(args.probe)
-        vae.to(device)
-        f1, mean = probe_figures(vae, args, vae.cfg.resolution)
-        print(f"{args.probe}: VFM {ck.get('vfm')}, align weight {ck['args']['align_weight']}")
+        vae, size, label = load_probe_target(args.probe)
+        f1, mean = probe_figures(vae.to(device), args, size)
+        print(f"{args.probe}: {label}")
         print_probe(f1, mean, args.probe_data or "shapes")
         print(json.dumps({"probe_f1": {k: round(v, 4) for k, v in f1.items()}, "probe_f1_mean": round(mean, 4)}))
         return
@@ -501,7 +531,11 @@ def main(argv=None):
 
     t0 = t_start = time.time()
     sums = torch.zeros(5)
+    cpu0, steps = time.process_time(), args.max_steps
     for step in range(args.max_steps):
+        if args.time_budget > 0 and time.process_time() - cpu0 > args.time_budget:
+            steps = step
+            break
         # ------------------------------------------------ one optimization step
         lr = args.lr * min(1.0, (step + 1) / args.warmup_steps)  # linear warmup, then constant (as REPA-E)
         for grp in opt.param_groups:
@@ -539,7 +573,7 @@ def main(argv=None):
             sums, t0 = torch.zeros(5), time.time()
         if args.ckpt_every > 0 and (step + 1) % args.ckpt_every == 0:
             checkpoint(step + 1)
-    train_s = time.time() - t_start
+    train_s, train_cpu_s = time.time() - t_start, time.process_time() - cpu0
 
     # ------------------------------------------------ end of run: PSNR, cosine, probe; last stdout line = JSON
     vae.eval()
@@ -548,7 +582,7 @@ def main(argv=None):
         torch.stack([(test[i][0] * 255).round().byte() for i in range(min(args.eval_images, len(test)))])
     psnr, cos = evaluate(vae, mapper, vfm, imgs, args.align_noise, args.seed)
     res = {"preset": args.preset, "vfm": args.vfm, "vfm_stand_in": vfm.stand_in, "align_weight": args.align_weight,
-           "mapper_depth": args.mapper_depth, "align_noise": args.align_noise, "steps": args.max_steps,
+           "mapper_depth": args.mapper_depth, "align_noise": args.align_noise, "steps": steps,
            "psnr": round(psnr, 2), "align_cos": round(cos, 4)}
     if args.data == "shapes" or args.probe_data:
         f1, mean_f1 = probe_figures(vae, args, vcfg.resolution)
@@ -557,8 +591,8 @@ def main(argv=None):
     with torch.no_grad():
         x = imgs[:8].to(device).float() / 255
         save_grid(torch.cat([x, vae.decode(vae.encode(x)[0]).clamp(0, 1)]), os.path.join(args.out_dir, "recon.png"), 8)
-    res.update(train_s=round(train_s, 1), total_s=round(time.time() - t_start, 1))
-    checkpoint(args.max_steps, res)
+    res.update(train_s=round(train_s, 1), cpu_s=round(train_cpu_s, 1), total_s=round(time.time() - t_start, 1))
+    checkpoint(steps, res)
     p0(f"PSNR {psnr:.2f} dB (posterior mean, {len(imgs)} test images) | alignment cosine {cos:.3f} "
        f"({'noised' if args.align_noise else 'clean'} latents, VFM {'STAND-IN ' if vfm.stand_in else ''}{args.vfm})")
     p0(f"wrote {args.out_dir}/ckpt.pt and {args.out_dir}/recon.png (top: inputs, bottom: reconstructions)")

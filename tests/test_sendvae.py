@@ -200,17 +200,36 @@ def test_cli_run_checkpoint_and_probe(vae_ckpt, folder):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["probe_f1"] == res["probe_f1"]  # deterministic: posterior means, closed-form probe
     r = run("sendvae.py", "--probe", os.path.join(folder, "000000.png"))
-    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "not a sendvae.py checkpoint" in r.stderr
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "not a checkpoint" in r.stderr
+
+
+def test_probe_reads_a_unite_checkpoint(folder, tmp_path, capsys):
+    """--probe also scores a one-stage UNITE checkpoint's tokenizer latents (bench.py's ablation probes both)."""
+    from dataclasses import asdict
+    from model import UNITE, make_config
+    torch.manual_seed(0)
+    m = UNITE(make_config("micro", num_classes=3))
+    for p in m.parameters():  # a "trained" GE: adaLN-Zero init would make every latent the same constant
+        if p.ndim >= 2:
+            torch.nn.init.normal_(p, std=p.shape[-1] ** -0.5)
+    torch.save({"config": asdict(m.cfg), "ema": m.state_dict()}, tmp_path / "u.pt")
+    sendvae.main(["--probe", str(tmp_path / "u.pt"), "--probe-data", folder, "--probe-train", "40", "--probe-test", "24"])
+    out = capsys.readouterr().out
+    assert "UNITE Generative Encoder" in out
+    f1 = json.loads(out.strip().splitlines()[-1])["probe_f1"]
+    assert f1["Bright"] > 0.75  # brightness is linear in the pixels: random GE features keep it
 
 
 def test_cli_end_to_end_subprocess(folder, tmp_path):
-    r = run("sendvae.py", "--data", folder, "--vfm", "random-vit", "--max-steps", "2", "--batch-size", "8",
+    r = run("sendvae.py", "--data", folder, "--vfm", "random-vit", "--max-steps", "100000", "--time-budget", "1",
+            "--batch-size", "8",
             "--num-workers", "0", "--mapper-depth", "0", "--no-align-noise", "--align-weight", "0", "--out-dir", str(tmp_path),
             "--eval-images", "16", "--probe-data", folder, "--probe-train", "40", "--probe-test", "24")
     assert r.returncode == 0, r.stderr
     assert "STAND-IN" in r.stdout and "PSNR" in r.stdout
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["align_weight"] == 0 and res["mapper_depth"] == 0 and res["align_noise"] is False
+    assert 0 < res["steps"] < 100000 and res["cpu_s"] >= 1  # --time-budget ended the loop
     assert os.path.isfile(tmp_path / "recon.png")
 
 
