@@ -186,7 +186,9 @@ def image_variant(name, budget, seed, out):
 
 def qm9_variant(name, budget, seed, out):
     flags = {"shared": [], "separate": ["--separate"], "no-stopgrad": ["--no-stopgrad"]}[name]
-    r = run_script("molecules.py", "--seed", str(seed), *flags, "--time-budget", str(budget), "--out-dir", out,
+    r = run_script("molecules.py", "--seed", str(seed), *flags, "--time-budget", str(budget), "--budget-clock", "cpu",
+                   "--num-samples", "2000",
+                   "--out-dir", out,
                    out=out)
     return dict(validity=r["validity"], uniqueness=r["uniqueness"], fcd=r["fcd"], recon=r.get("recon_match"),
                 steps=r.get("steps"))

@@ -402,6 +402,10 @@ def parse_args(argv=None):
     p.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine to this fraction by the end (1 = flat)")
     p.add_argument("--max-steps", type=int, default=100000)
     p.add_argument("--time-budget", type=float, default=840, help="stop training after this many seconds")
+    p.add_argument("--budget-clock", default="wall", choices=["wall", "cpu"],
+                   help="cpu: count this process's CPU seconds (fair equal-budget comparisons on a shared machine)")
+    p.add_argument("--separate", action="store_true", help="Tab. 7a: separate tokenizer and denoiser weights")
+    p.add_argument("--no-stopgrad", action="store_true", help="Tab. 7a: the flow loss also reaches the tokenizer")
     p.add_argument("--grad-clip", type=float, default=3.0)
     p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
@@ -457,7 +461,8 @@ def main(argv=None):
     cfg = UniteConfig(latent_dim=args.latent_dim, enc_depth=args.depth, enc_width=args.width, enc_heads=args.heads,
                       dec_depth=args.dec_depth, dec_width=args.dec_width, dec_heads=args.heads, num_classes=1,
                       in_context_len=0, class_dropout=0.0, flow_copies=args.flow_copies,
-                      latent_tokens=K, input_tokens=meta["n_tokens"])
+                      latent_tokens=K, input_tokens=meta["n_tokens"], separate=args.separate,
+                      no_stopgrad=args.no_stopgrad)
     torch.manual_seed(args.seed)  # same init on every rank
     raw = build_model(cfg, meta).to(device)
     ema = copy.deepcopy(raw).float().eval().requires_grad_(False)
@@ -474,6 +479,8 @@ def main(argv=None):
     order = batch_indices(len(x_train), args.batch_size, args.seed, 0, 1, world, rank)
     step, total, stats = 0, args.max_steps, torch.zeros(3)
     t_start = t0 = time.time()
+    clock = time.time if args.budget_clock == "wall" else time.process_time
+    c_start, p_start = clock(), time.process_time()
     while step < total:
         # ------------------------------------------------ one optimization step: two passes, shared GE
         lr = get_lr(step, args, steps_per_epoch, total)
@@ -496,9 +503,13 @@ def main(argv=None):
             o.zero_grad(set_to_none=True)
         stats += torch.stack([loss.detach(), st["recon"], st["flow"]]).cpu()
         step += 1
-        elapsed = time.time() - t_start
+        elapsed = clock() - c_start
         if args.time_budget > 0 and step >= 20:  # steps that fit the budget at the measured speed (cosine end)
             total = min(args.max_steps, step + int((args.time_budget - elapsed) / (elapsed / step)))
+            if world > 1:  # every rank must run the same number of steps: take the smallest estimate
+                t = torch.tensor(total, device=device)
+                dist.all_reduce(t, op=dist.ReduceOp.MIN)
+                total = int(t)
         if step % args.log_every == 0 or step >= total:
             if world > 1:
                 dist.all_reduce(stats)
@@ -508,7 +519,7 @@ def main(argv=None):
             p0(f"step {step}/{total} | loss {l:.4f} | recon {r:.4f} | flow {f:.4f} | grad {norm.item():.2f} | "
                f"lr {lr:.2e} | {n * args.batch_size / (time.time() - t0):.0f} mol/s | {elapsed:.0f}s")
             t0, stats = time.time(), torch.zeros(3)
-    train_s = time.time() - t_start
+    train_s, train_cpu_s = time.time() - t_start, time.process_time() - p_start
     if rank == 0:
         save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), {
             "model": raw.state_dict(), "ema": ema.state_dict(), "optimizer": [o.state_dict() for o in opts],
@@ -531,7 +542,7 @@ def main(argv=None):
     valid = [c for c in map(canonical, samples[:200]) if c]
     if valid:
         save_grid_png(valid, os.path.join(args.out_dir, "samples.png"))
-    res.update(repr=meta["repr"], steps=step, wall_s=round(train_s, 1),
+    res.update(repr=meta["repr"], steps=step, wall_s=round(train_s, 1), cpu_s=round(train_cpu_s, 1),
                mol_per_s=round(step * args.batch_size / train_s, 1), sample_s=round(sample_s, 1),
                sampler=f"{args.sampler}-{args.sample_steps}", total_s=round(time.time() - t_start, 1))
     with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:

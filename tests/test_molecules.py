@@ -183,3 +183,20 @@ def test_torchrun_two_processes_match_one(tmp_path, qm9_head):
     b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_ablation_flags_separate_and_no_stopgrad(tmp_path, qm9_head, monkeypatch):
+    """bench.py --ablation qm9 runs these: separate denoiser weights exist and train; the CPU-clock budget ends
+    the loop."""
+    import molecules
+    data = tmp_path / "qm9_head.smi"
+    data.write_text("\n".join(qm9_head[:200]) + "\n")
+    monkeypatch.setenv("MINUNITE_CACHE", str(tmp_path / "cache"))
+    res = molecules.main(["--data", str(data), "--out-dir", str(tmp_path / "o"), "--batch-size", "16", "--width", "32",
+                          "--depth", "1", "--heads", "2", "--dec-width", "32", "--dec-depth", "1", "--num-samples", "8",
+                          "--recon-samples", "4", "--sample-steps", "1", "--separate", "--no-stopgrad",
+                          "--time-budget", "2", "--budget-clock", "cpu"])
+    ck = torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)
+    assert ck["config"]["separate"] and ck["config"]["no_stopgrad"]
+    assert any(k.startswith("denoiser_.") for k in ck["model"])
+    assert 20 <= res["steps"] < 100000 and res["cpu_s"] < 30
