@@ -216,12 +216,7 @@ def load_vfm(spec, image_size):
                          "not DINOv2", True)
     if spec.startswith("unite:"):
         path = spec[len("unite:"):]
-        try:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-            m = UNITE(UniteConfig(**ck["config"]))
-            m.load_state_dict(ck["ema"])
-        except Exception as e:
-            raise DataError(f"--vfm {spec}: not a one-stage UNITE checkpoint ({type(e).__name__})") from None
+        m = load_unite(path)
         if m.cfg.image_size != image_size:
             raise DataError(f"--vfm {spec}: trained at {m.cfg.image_size} px, the VAE is {image_size} px")
         return FrozenVFM(UniteFeatures(m.encoder), lambda x: x, m.cfg.latent_dim, m.cfg.grid,
@@ -434,6 +429,17 @@ def load_vae(path):
     return vae.eval(), ck
 
 
+def load_unite(path, ck=None):
+    """The EMA model of a one-stage train.py checkpoint."""
+    try:
+        ck = ck or torch.load(path, map_location="cpu", weights_only=True)
+        m = UNITE(UniteConfig(**ck["config"]))
+        m.load_state_dict(ck["ema"])
+    except Exception as e:
+        raise DataError(f"{path} is not a one-stage train.py checkpoint ({type(e).__name__})") from None
+    return m.eval()
+
+
 class UniteTokenizer(UniteFeatures):
     """A one-stage UNITE checkpoint's tokenizer as the probe sees a VAE: encode(x) -> (z0 (B, K, C),)."""
 
@@ -454,12 +460,7 @@ def load_probe_target(path):
     if "vae" in ck:
         vae, ck = load_vae(path)
         return vae, vae.cfg.resolution, f"VAE, VFM {ck.get('vfm')}, align weight {ck['args']['align_weight']}"
-    try:
-        m = UNITE(UniteConfig(**ck["config"]))
-        m.load_state_dict(ck["ema"])
-    except Exception as e:
-        raise DataError(f"{path} is neither a sendvae.py nor a one-stage train.py checkpoint "
-                        f"({type(e).__name__})") from None
+    m = load_unite(path, ck)
     return UniteTokenizer(m.encoder).eval(), m.cfg.image_size, "UNITE Generative Encoder (EMA), tokenizer pass"
 
 
