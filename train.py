@@ -38,12 +38,14 @@ from model import (PRESETS, UNITE, TwoStage, VAEConfig, count_params, draw_noise
                    make_optimizers, update_ema)
 
 # run defaults: the paper's (A1 Tab. 8 + released config) for the big presets, a CPU budget for tiny
-# (tiny: a flat lr after warmup; the EMA does the averaging. Measured: +3.3 dB PSNR over a cosine decay to 0.1x)
+# (tiny: a flat lr after warmup; the EMA does the averaging. Measured: +3.3 dB PSNR over a cosine decay to 0.1x.
+#  K = 1 flow copy: a step costs ~25% less, and at equal CPU time 850 steps of K=1 beat 650 of K=2: PSNR 22.1 vs
+#  19.6 dB, FD-shapes-500 1118 vs 1907, one run each. The paper's K=14 is for GPUs.)
 PAPER_RUN = dict(data=None, batch_size=1024, micro_batch=64, lr=None, epochs=240, max_steps=None, ema=0.9978,
                  warmup_epochs=20, hold_epochs=30, decay_epochs=50, min_lr_frac=0.5, flow_copies=14,
                  sample_steps=50, cfg_scale=3.4, precision="auto")
-TINY_RUN = dict(data="shapes", batch_size=32, micro_batch=0, lr=2e-3, epochs=None, max_steps=500, ema=0.99,
-                warmup_epochs=0.1, hold_epochs=0, decay_epochs=None, min_lr_frac=1.0, flow_copies=2,
+TINY_RUN = dict(data="shapes", batch_size=32, micro_batch=0, lr=2e-3, epochs=None, max_steps=850, ema=0.99,
+                warmup_epochs=0.1, hold_epochs=0, decay_epochs=None, min_lr_frac=1.0, flow_copies=1,
                 sample_steps=25, cfg_scale=2.0, precision="auto")
 
 
