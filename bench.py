@@ -224,7 +224,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="small sizes (tests, CI): the figures are rougher")
-    p.add_argument("--steps", type=int, default=5, help="timed training steps per setting")
+    p.add_argument("--steps", type=int, default=5, help="timed training steps per setting (tiny)")
+    p.add_argument("--s-steps", type=int, default=2, help="timed steps for S (10-30 s each on a 2-core CPU)")
     p.add_argument("--tiny-batch", type=int, default=32, help="as train.py's tiny run")
     p.add_argument("--s-batch", type=int, default=2, help="S at 256 px: a CPU-sized batch")
     p.add_argument("--flow-copies", type=int, default=2, help="K for both presets (the paper's 14 is 7x the flow pass)")
@@ -255,7 +256,8 @@ def main(argv=None):
     presets = [("tiny", 4 if q else args.tiny_batch)] + ([] if q else [("S", args.s_batch)])
     for preset, batch in presets:
         for prec in args.precisions.split(","):
-            r = train_step_speed(preset, batch, args.flow_copies, prec, device, steps)
+            r = train_step_speed(preset, batch, args.flow_copies, prec, device, steps if preset == "tiny" else
+                                 min(steps, args.s_steps))
             key = f"{preset}_train_{prec}"
             res[key + "_img_per_s"], res[key + "_gflops"] = round(r["img_per_s"], 2), round(r["gflops"], 1)
             res[key + "_frac_of_bf16_peak"] = round(r["gflops"] / peak["bf16"], 3)
