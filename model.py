@@ -525,6 +525,10 @@ class Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for g in self.param_groups:
             by_shape = {}
             for p in g["params"]:
@@ -538,10 +542,12 @@ class Muon(torch.optim.Muon):
                 U = torch.stack([u for _, u in items])                            # (N, A, B)
                 dtype = self.ns_dtype or (torch.bfloat16 if U.is_cuda else torch.float32)
                 U = newton_schulz(U, g["ns_coefficients"], g["ns_steps"], g["eps"], dtype)
-                ratio = 0.2 * math.sqrt(max(A, B)) if g["adjust_lr_fn"] == "match_rms_adamw" else math.sqrt(max(1, A / B))
+                match = g["adjust_lr_fn"] == "match_rms_adamw"                     # else torch's "original"
+                ratio = 0.2 * math.sqrt(max(A, B)) if match else math.sqrt(max(1, A / B))
                 for (p, _), u in zip(items, U):
                     p.mul_(1 - g["lr"] * g["weight_decay"])
                     p.add_(u, alpha=-g["lr"] * ratio)
+        return loss
 
 
 def make_optimizers(model, args, ns_dtype=None):

@@ -1,7 +1,7 @@
 """
 Train UNITE: one Generative Encoder (GE) that tokenizes and denoises, plus a ViT decoder, in one stage.
 
-    python train.py                                    # tiny preset, built-in shapes data, CPU, ~8 minutes
+    python train.py                                    # tiny preset, built-in shapes data, CPU, ~9 minutes
     python train.py --data cifar10 --max-steps 20000   # CIFAR-10 (downloaded once into the cache dir)
     torchrun --nproc_per_node=8 train.py --model B --data /imagenet/train   # the paper's setting
 
