@@ -73,6 +73,21 @@ def test_graph_decode_invalid_valence():
     assert smi is None and raw.count("C") == 6
 
 
+def test_valence_correct_hand_made():
+    x = M.graph_encode("CC(C)(C)C", 9)
+    x[1, 1 + 5] = x[5, 1 + 1] = 1  # the pentavalent carbon of the test above
+    x[5, 0] = 1
+    fixed = M.valence_correct(x)
+    assert M.graph_decode(x)[0] is None and M.graph_decode(fixed)[0] == "C.CC(C)(C)C"  # last-index bond dropped
+    assert (fixed[:, 1:] == fixed[:, 1:].T).all() and (x != fixed).sum() == 2            # input left untouched
+    o = M.graph_encode("COC", 9)
+    o[0, 1 + 1] = o[1, 1 + 0] = 2                        # C=O-C: O has valence 3; its highest order bond is lowered
+    assert M.graph_decode(o)[0] is None and M.graph_decode(M.valence_correct(o))[0] == "COC"
+    for smi in ["CC(=O)O", "C#N", "C[N+](C)(C)[O-]", "[C-]#[N+]C", "O=c1cc[nH]cc1"]:  # valid graphs are unchanged
+        g = M.graph_encode(M.canonical(smi), 9)
+        assert (M.valence_correct(g) == g).all()
+
+
 def test_metrics_known_answers():
     train = [M.canonical(s) for s in ["CCO", "CC"]]
     samples = ["CCO", "OCC", "C1=CC=CC=C1", "C(C)(C)(C)(C)C", "not_smiles", "CCN"]
