@@ -382,7 +382,8 @@ def load_shapes_net(device="cpu", steps=600, n_train=20000, n_test=10000):
     """The frozen FD-shapes network, trained once (~1 min) and cached in the cache dir together with its
     reference statistics (.ref_mu, .ref_sigma: the test split's features) and test accuracies (.test_acc)."""
     default = (steps, n_train, n_test) == (600, 20000, 10000)
-    name = "shapes_fd_net_v1.pt" if default else f"shapes_fd_net_v1_{steps}_{n_train}_{n_test}.pt"
+    tag = f"shapes_fd_net_d{data.SHAPES_VERSION}"  # one cached net per version of the built-in data
+    name = f"{tag}.pt" if default else f"{tag}_{steps}_{n_train}_{n_test}.pt"
     path = os.path.join(data.cache_dir(), name)
     if not os.path.exists(path):
         _train_and_cache_shapes_net(path, steps, n_train, n_test)

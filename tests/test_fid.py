@@ -326,7 +326,8 @@ def test_fd_shapes_scale(tiny_shapes_net):
 
 def test_cli_fd_shapes(tiny_shapes_net, tmp_path):
     _, cache = tiny_shapes_net
-    shutil.copy(cache / "shapes_fd_net_v1_30_500_300.pt", cache / "shapes_fd_net_v1.pt")  # pose as the real one
+    tag = f"shapes_fd_net_d{data.SHAPES_VERSION}"
+    shutil.copy(cache / f"{tag}_30_500_300.pt", cache / f"{tag}.pt")  # pose as the real one
     a = write_images(tmp_path / "a", data.make_shapes(12, seed=3)[0])
     b = write_images(tmp_path / "b", data.make_shapes(12, seed=4)[0])
     r = run_cli(a, b, "--metric", "fd-shapes", "--num-workers", "0", env={"MINUNITE_CACHE": str(cache)})

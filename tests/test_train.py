@@ -89,7 +89,7 @@ def test_sample_py_grid_and_png_dir(tmp_path):
     from PIL import Image
     im = Image.open(os.path.join(out, "ckpt_samples.png"))
     assert im.size == (2 * 32, 6 * 32)  # 6 classes (shapes) as rows, 2 columns
-    assert "NFE 6" in r.stdout and '"cfg_scale": 2.0' in r.stdout  # settings read from the checkpoint
+    assert "NFE 6" in r.stdout and '"cfg_scale": 4.0' in r.stdout  # settings read from the checkpoint
     r = run("sample.py", ck, "--steps", "2", "--num-samples", "5", "--out-dir", str(tmp_path / "pngs"))
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(tmp_path / "pngs")) == [f"{i:06d}.png" for i in range(5)]
@@ -201,3 +201,29 @@ def test_time_budget_stops_the_loop(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 < res["steps"] < 100000 and 1 <= res["cpu_s"] < 30
     assert weights(tmp_path / "ckpt.pt", "step") == res["steps"]
+
+
+def test_shape_acc_matches_generated_labels(monkeypatch):
+    """shape_acc compares the classifier's shape with the class each sample was generated for (i % classes):
+    a generator that draws the right class scores 1, one that is off by one class scores 0."""
+    import fid
+
+    class LabelNet(torch.nn.Module):  # features = the class written into the image's pixel value
+        def __init__(self):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(1))
+            self.heads = {"shape": lambda f: torch.nn.functional.one_hot(f[:, 0].round().long(), 6).float()}
+            self.ref_mu, self.ref_sigma = np.zeros(2), np.eye(2)
+
+        def forward(self, x):
+            return torch.stack([x.mean((1, 2, 3)) * 10, x.mean((1, 2, 3))], 1)
+
+    ema = torch.nn.Linear(1, 1)
+    monkeypatch.setattr(fid, "load_shapes_net", lambda: LabelNet())
+    args = train.parse_args(["--eval-samples", "30"])
+    for offset, want in ((0, 1.0), (1, 0.0)):
+        fake = lambda m, idx, c, seed, **kw: (torch.stack([torch.full((3, 32, 32), ((i + offset) % c) / 10)
+                                                           for i in idx]), 0)
+        monkeypatch.setattr(train, "generate", fake)
+        fd, acc = train.fd_shapes_of_samples(ema, 30, 6, args, rank=0, world=1)
+        assert acc == want and np.isfinite(fd)
