@@ -366,6 +366,13 @@ def save_grid_png(smiles, path, n=48):
 # -----------------------------------------------------------------------------
 # sampling and reconstruction with the EMA model
 
+def write_atomic(path, text):
+    """Write under a temp name, then rename: an interrupted run never leaves a half-written output file."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 @torch.no_grad()
 def generate(ema, meta, n, args, batch=1000):
     """n samples (raw strings, as written to samples.smi; invalid ones stay in). Sample i depends only on i.
@@ -559,8 +566,7 @@ def main(argv=None):
     t1 = time.time()
     ema = ema.cpu()
     samples, corrected = generate(ema, meta, args.num_samples, args)
-    with open(os.path.join(args.out_dir, "samples.smi"), "w") as f:
-        f.write("\n".join(samples) + "\n")
+    write_atomic(os.path.join(args.out_dir, "samples.smi"), "\n".join(samples) + "\n")
     sample_s = time.time() - t1
     res = evaluate(samples, d["train_smiles"], d["test_smiles"])
     if corrected is not None:  # extra figure, NOT the MOSES validity above: the same samples after valence_correct
@@ -569,14 +575,15 @@ def main(argv=None):
         RDLogger.EnableLog("rdApp.*")
     n_rec = min(args.recon_samples, len(d["test_x"]))
     res["recon_match"] = recon_match(ema, d["test_x"][:n_rec], d["test_smiles"][:n_rec], meta)
+    RDLogger.DisableLog("rdApp.*")  # invalid samples were counted by evaluate(); no log line per failure
     valid = [c for c in map(canonical, samples[:200]) if c]
+    RDLogger.EnableLog("rdApp.*")
     if valid:
         save_grid_png(valid, os.path.join(args.out_dir, "samples.png"))
     res.update(repr=meta["repr"], steps=step, wall_s=round(train_s, 1), cpu_s=round(train_cpu_s, 1),
                mol_per_s=round(step * args.batch_size / train_s, 1), sample_s=round(sample_s, 1),
                sampler=f"{args.sampler}-{args.sample_steps}", total_s=round(time.time() - t_start, 1))
-    with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    write_atomic(os.path.join(args.out_dir, "metrics.json"), json.dumps(res, indent=1))
     p0(f"wrote {args.out_dir}/ckpt.pt, samples.smi, samples.png, metrics.json")
     p0(json.dumps(res))
     if world > 1:
