@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 import fid
-from data import autocast, pick_precision
+from data import autocast, pick_precision, write_atomic
 from model import UNITE, draw_noise, generate, make_config, make_optimizers, update_ema
 
 
@@ -164,7 +164,7 @@ def run_script(*argv, out=None):
         sys.exit(f"error: {' '.join(argv)} failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
     res = json.loads(p.stdout.strip().splitlines()[-1])
     if done:
-        json.dump(res, open(done, "w"))
+        write_atomic(done, json.dumps(res))  # a half-written file would pass for a finished run
     return res
 
 

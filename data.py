@@ -81,7 +81,14 @@ def download(url, path, algo, digest):
 
 
 # -----------------------------------------------------------------------------
-# writing images: atomic, so an interrupted run never leaves a half-written PNG
+# writing outputs: atomic, so an interrupted run never leaves a half-written file
+
+def write_atomic(path, text):
+    """Write text under a temp name, then rename."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
 
 def save_png(x, path):
     """x (3, H, W) float in [0, 1] -> PNG, written under a temp name then renamed."""

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import (DataError, autocast, batch_indices, cache_dir, error_line, pick_precision, print0,
-                  save_checkpoint, setup_distributed)
+                  save_checkpoint, setup_distributed, write_atomic)
 from model import (UNITE, UniteConfig, ViTBlock, count_params, draw_noise, get_lr, make_optimizers,
                    sample_latents, sample_noise, update_ema)
 
@@ -365,13 +365,6 @@ def save_grid_png(smiles, path, n=48):
 
 # -----------------------------------------------------------------------------
 # sampling and reconstruction with the EMA model
-
-def write_atomic(path, text):
-    """Write under a temp name, then rename: an interrupted run never leaves a half-written output file."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
 
 @torch.no_grad()
 def generate(ema, meta, n, args, batch=1000):
