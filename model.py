@@ -150,6 +150,9 @@ class UniteConfig:
     block_norm: bool = True
     class_dropout: float = 0.1      # label dropout in the denoising pass, for CFG
     recon_t_max: float = 0.01       # tokenizer pass uses t ~ U[0, 0.01): the max-noise end (code's config)
+    recon_weight: float = 1.0       # L = w * L_recon + L_flow; the code has w = 1 with L_recon = L1 + LPIPS. The tiny
+                                    # preset has no LPIPS, and its Muon updates of the shared GE follow the ~10x
+                                    # larger flow gradient, so it sets w = 30 (README: 10 / 30 / 100 measured)
     noise_aug_prob: float = 0.5     # decoder-input noise augmentation on half the batch ...
     noise_aug_min: float = 0.7      # ... with s ~ U[0.7, 1] (Tab. 7c)
     flow_copies: int = 14           # K noised copies per image (A1 Tab. 8; the code's config has 3)
@@ -408,7 +411,7 @@ class UNITE(nn.Module):
         rec = self.recon_loss(recon, images)
         zd = z0 if cfg.no_stopgrad else z0.detach()                                   # stop-grad (Tab. 7a)
         flow = flow_loss(self.denoiser, zd.float(), labels, noise, cfg)               # pass 2
-        return rec + flow, {"recon": rec.detach(), "flow": flow.detach()}
+        return cfg.recon_weight * rec + flow, {"recon": rec.detach(), "flow": flow.detach()}
 
     @torch.no_grad()
     def reconstruct(self, images):
@@ -797,7 +800,8 @@ VAE_PRESETS = {  # the paper's two tokenizers at 256 px (REPA-E registry) and a 
 
 PRESETS = {
     "tiny": dict(image_size=32, patch_size=8, latent_dim=16, enc_depth=6, enc_width=128, enc_heads=2,
-                 dec_depth=4, dec_width=128, dec_heads=2, in_context_len=4, in_context_start=2, flow_copies=2),
+                 dec_depth=4, dec_width=128, dec_heads=2, in_context_len=4, in_context_start=2, flow_copies=2,
+                 recon_weight=30.0),
     "micro": dict(image_size=32, patch_size=8, latent_dim=8, enc_depth=2, enc_width=64, enc_heads=2, dec_depth=1,
                   dec_width=64, dec_heads=2, in_context_len=2, in_context_start=1, flow_copies=2),  # tests
     "S": dict(enc_depth=12, enc_width=384, enc_heads=6, dec_depth=12, dec_width=384, dec_heads=6),

@@ -91,6 +91,17 @@ def test_separate_has_two_weight_sets():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.denoiser.parameters())
 
 
+def test_recon_weight_scales_only_the_reconstruction_term():
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    m1, m3 = tiny_model(), tiny_model(recon_weight=3.0)
+    m3.load_state_dict(m1.state_dict())
+    noise = draw_noise(m1.cfg, 4, generator=torch.Generator().manual_seed(0))
+    l1, s1 = m1(x, y, noise)
+    l3, s3 = m3(x, y, noise)
+    assert torch.equal(s1["recon"], s3["recon"]) and torch.equal(s1["flow"], s3["flow"])
+    assert torch.allclose(l3, 3 * s1["recon"] + s1["flow"]) and torch.allclose(l1, s1["recon"] + s1["flow"])
+
+
 def test_loss_falls_when_overfitting():
     m = tiny_model()
     torch.manual_seed(1)
