@@ -151,8 +151,8 @@ class UniteConfig:
     class_dropout: float = 0.1      # label dropout in the denoising pass, for CFG
     recon_t_max: float = 0.01       # tokenizer pass uses t ~ U[0, 0.01): the max-noise end (code's config)
     recon_weight: float = 1.0       # L = w * L_recon + L_flow; the code has w = 1 with L_recon = L1 + LPIPS. The tiny
-                                    # preset has no LPIPS, and its Muon updates of the shared GE follow the ~10x
-                                    # larger flow gradient, so it sets w = 30 (README: 10 / 30 / 100 measured)
+                                    # preset has no LPIPS and its flow loss is ~10x its L1, so Muon's updates of the
+                                    # shared GE favour denoising: it sets w = 30 (README: w = 10 / 30 / 100 measured)
     noise_aug_prob: float = 0.5     # decoder-input noise augmentation on half the batch ...
     noise_aug_min: float = 0.7      # ... with s ~ U[0.7, 1] (Tab. 7c)
     flow_copies: int = 14           # K noised copies per image (A1 Tab. 8; the code's config has 3)
