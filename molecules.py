@@ -57,7 +57,7 @@ from data import (DataError, autocast, batch_indices, cache_dir, error_line, pic
 from model import (UNITE, UniteConfig, ViTBlock, count_params, draw_noise, get_lr, make_optimizers,
                    sample_latents, sample_noise, update_ema)
 
-from rdkit import Chem, RDLogger, rdBase  # noqa: E402  (after torch: import order matters for some builds)
+from rdkit import Chem, rdBase  # noqa: E402  (after torch: import order matters for some builds)
 
 # atom vocabulary of QM9's heavy atoms (symbol, formal charge); index 0 = an empty slot
 ATOM_TYPES = [(None, 0), ("C", 0), ("N", 0), ("O", 0), ("F", 0), ("N", 1), ("O", -1), ("C", -1), ("N", -1)]
@@ -216,9 +216,8 @@ def load_molecules(args):
     if os.path.exists(path):
         return torch.load(path, weights_only=True)
     raw = read_smiles(args.data)
-    RDLogger.DisableLog("rdApp.*")  # count failures instead of printing them
-    canon = [canonical(s) for s in raw]
-    RDLogger.EnableLog("rdApp.*")
+    with rdBase.BlockLogs():  # count failures instead of printing them
+        canon = [canonical(s) for s in raw]
     good = [c for c in canon if c is not None]
     if len(good) < 2:
         raise DataError(f"{args.data or 'QM9'}: {len(good)} valid molecules in {len(raw)} lines; need at least 2")
@@ -337,9 +336,8 @@ def reference_stats(test_smiles):
 def evaluate(samples, train_smiles=None, test_smiles=None):
     """MOSES-style metrics of a list of generated SMILES (see the module docstring). Novelty needs the training
     SMILES and FCD the test SMILES (canonical); they are None without them."""
-    RDLogger.DisableLog("rdApp.*")
-    canon = [canonical(s) for s in samples]
-    RDLogger.EnableLog("rdApp.*")
+    with rdBase.BlockLogs():
+        canon = [canonical(s) for s in samples]
     valid = [c for c in canon if c is not None]
     unique = set(valid)
     n = len(samples)
@@ -371,7 +369,6 @@ def generate(ema, meta, n, args, batch=1000):
     """n samples (raw strings, as written to samples.smi; invalid ones stay in). Sample i depends only on i.
     Returns (samples, corrected): corrected = the same graphs after valence_correct (graph repr; else None)."""
     cfg, out, corrected = ema.cfg, [], []
-    RDLogger.DisableLog("rdApp.*")  # invalid samples are counted by evaluate(), not printed
     for i in range(0, n, batch):
         idx = range(i, min(n, i + batch))
         noise = sample_noise(idx, args.seed + 1, (cfg.num_tokens, cfg.latent_dim))
@@ -379,22 +376,21 @@ def generate(ema, meta, n, args, batch=1000):
         z, nfe = sample_latents(ema.denoiser, noise, y, steps=args.sample_steps, method=args.sampler,
                                 shift=cfg.time_shift, t_eps=cfg.t_eps)
         x = ema.decoder(z).argmax(-1).numpy()                                        # (b, P, F)
-        out += [decode(xi, meta)[1] for xi in x]
-        if meta["repr"] == "graph":
-            corrected += [graph_decode(valence_correct(xi))[1] for xi in x]
-    RDLogger.EnableLog("rdApp.*")
+        with rdBase.BlockLogs():  # invalid samples are counted by evaluate(), not printed
+            out += [decode(xi, meta)[1] for xi in x]
+            if meta["repr"] == "graph":
+                corrected += [graph_decode(valence_correct(xi))[1] for xi in x]
     return out, (corrected if meta["repr"] == "graph" else None)
 
 
 @torch.no_grad()
 def recon_match(ema, x, smiles, meta, batch=1000):
     """Share of molecules whose tokenize -> decode gives back the same canonical SMILES."""
-    RDLogger.DisableLog("rdApp.*")
     hits = 0
     for i in range(0, len(x), batch):
         rec = ema.decoder(ema.encoder.tokenize(x[i:i + batch])).argmax(-1).numpy()
-        hits += sum(decode(r, meta)[0] == s for r, s in zip(rec, smiles[i:i + batch]))
-    RDLogger.EnableLog("rdApp.*")
+        with rdBase.BlockLogs():
+            hits += sum(decode(r, meta)[0] == s for r, s in zip(rec, smiles[i:i + batch]))
     return hits / max(1, len(x))
 
 
@@ -563,14 +559,12 @@ def main(argv=None):
     sample_s = time.time() - t1
     res = evaluate(samples, d["train_smiles"], d["test_smiles"])
     if corrected is not None:  # extra figure, NOT the MOSES validity above: the same samples after valence_correct
-        RDLogger.DisableLog("rdApp.*")
-        res["validity_valence_corrected"] = sum(canonical(s) is not None for s in corrected) / len(corrected)
-        RDLogger.EnableLog("rdApp.*")
+        with rdBase.BlockLogs():
+            res["validity_valence_corrected"] = sum(canonical(s) is not None for s in corrected) / len(corrected)
     n_rec = min(args.recon_samples, len(d["test_x"]))
     res["recon_match"] = recon_match(ema, d["test_x"][:n_rec], d["test_smiles"][:n_rec], meta)
-    RDLogger.DisableLog("rdApp.*")  # invalid samples were counted by evaluate(); no log line per failure
-    valid = [c for c in map(canonical, samples[:200]) if c]
-    RDLogger.EnableLog("rdApp.*")
+    with rdBase.BlockLogs():  # invalid samples were counted by evaluate(); no log line per failure
+        valid = [c for c in map(canonical, samples[:200]) if c]
     if valid:
         save_grid_png(valid, os.path.join(args.out_dir, "samples.png"))
     res.update(repr=meta["repr"], steps=step, wall_s=round(train_s, 1), cpu_s=round(train_cpu_s, 1),

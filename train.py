@@ -148,12 +148,17 @@ def psnr(ema, ds, device, n=256):
     return (10 * torch.log10(1 / mse)).mean().item()
 
 
+def shard_indices(n, rank, world):
+    """Evaluation sample i is generated on rank i % world; gathered features come rank by rank."""
+    return list(range(rank, n, world))
+
+
 def generated_features(ema, feature_fn, n, num_classes, args, rank, world, batch=100):
-    """Generate n images sharded over ranks (sample i on rank i % world); every rank gets all the features."""
+    """Generate n images sharded over ranks (shard_indices); every rank gets all the features."""
     import fid
     if n < world:
         raise DataError(f"{n} evaluation samples for {world} processes: ask for at least one per process")
-    idx = list(range(rank, n, world))
+    idx = shard_indices(n, rank, world)
     feats = [feature_fn(generate(ema, idx[i:i + batch], num_classes, seed=args.seed + 1, **sample_kwargs(args))[0])
              for i in range(0, len(idx), batch)]
     return fid.gather_features(torch.cat(feats).float()).cpu().double().numpy()
@@ -171,7 +176,7 @@ def fd_shapes_of_samples(ema, n, num_classes, args, rank, world):
     net = (net or fid.load_shapes_net()).to(next(ema.parameters()).device)
     feats = generated_features(ema, net, n, num_classes, args, rank, world)
     mu, sigma = fid.feature_stats(feats)
-    labels = [i % num_classes for r in range(world) for i in range(r, n, world)]    # gather order: rank by rank
+    labels = [i % num_classes for r in range(world) for i in shard_indices(n, r, world)]  # in gather order
     pred = net.heads["shape"](torch.from_numpy(feats).float().to(next(net.parameters()).device)).argmax(1).cpu()
     acc = (pred == torch.tensor(labels)).float().mean().item()
     return fid.frechet_distance(mu, sigma, net.ref_mu, net.ref_sigma), acc  # FD vs the 10k-image test split
