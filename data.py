@@ -371,6 +371,21 @@ def save_checkpoint(path, ckpt):
     os.replace(path + ".tmp", path)
 
 
+def load_checkpoint(path, what="", keys=()):
+    """The plain-data dict of a checkpoint (weights_only loading), or one DataError line saying what is wrong with
+    `path`: missing, unreadable, or without one of `keys` (then it is another script's checkpoint)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{what}checkpoint not found: {path}")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"{path} is not a {what}checkpoint ({type(e).__name__})") from None
+    missing = [k for k in keys if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise DataError(f"{path} is not a {what}checkpoint (it has no {missing[0]!r})")
+    return ck
+
+
 def rng_state(gen):
     return {"torch": torch.get_rng_state(), "noise": gen.get_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}

@@ -16,16 +16,14 @@ import sys
 import torch
 import torch.distributed as dist
 
-from data import DataError, error_line, save_grid, save_png
+from data import DataError, error_line, load_checkpoint, save_grid, save_png
 from model import UNITE, TwoStage, UniteConfig, VAEConfig, generate
 
 
 def load_model(path, device, use_ema=True):
     """(model in eval mode, checkpoint dict). Checkpoints are plain data: weights_only loading."""
-    if not os.path.isfile(path):
-        raise DataError(f"checkpoint not found: {path}")
+    ck = load_checkpoint(path, "UNITE ", keys=("config", "ema", "model"))
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
         cfg = UniteConfig(**ck["config"])  # a two-stage checkpoint (train.py --tokenizer) carries its VAE
         model = TwoStage(cfg, VAEConfig(**ck["vae_config"])) if "vae_config" in ck else UNITE(cfg)
         model.load_state_dict(ck["ema" if use_ema else "model"])

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import (DataError, autocast, batch_indices, cache_dir, download, error_line, file_hash, get_dataset,
-                  load_image, pick_precision, print0, save_checkpoint, save_grid)
+                  load_checkpoint, load_image, pick_precision, print0, save_checkpoint, save_grid)
 from model import VAE_PRESETS, AutoencoderKL, UniteConfig, UNITE, VAEConfig, ViTBlock, count_params, sincos_2d
 
 # -----------------------------------------------------------------------------
@@ -418,10 +418,8 @@ def parse_args(argv=None):
 
 def load_vae(path):
     """(AutoencoderKL, checkpoint dict) of a sendvae.py checkpoint."""
-    if not os.path.isfile(path):
-        raise DataError(f"checkpoint not found: {path}")
+    ck = load_checkpoint(path, "sendvae.py ", keys=("vae_config", "vae"))
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
         vae = AutoencoderKL(VAEConfig(**ck["vae_config"]))
         vae.load_state_dict(ck["vae"])
     except Exception as e:
@@ -431,8 +429,8 @@ def load_vae(path):
 
 def load_unite(path, ck=None):
     """The EMA model of a one-stage train.py checkpoint."""
+    ck = ck or load_checkpoint(path, "train.py ", keys=("config", "ema"))
     try:
-        ck = ck or torch.load(path, map_location="cpu", weights_only=True)
         m = UNITE(UniteConfig(**ck["config"]))
         m.load_state_dict(ck["ema"])
     except Exception as e:
@@ -451,12 +449,7 @@ def load_probe_target(path):
     """--probe CKPT: a sendvae.py checkpoint (its VAE's posterior means) or a train.py UNITE checkpoint (the EMA
     Generative Encoder's tokens), so that bench.py's ablation probes both kinds the same way.
     Returns (module with .encode, image size, description)."""
-    if not os.path.isfile(path):
-        raise DataError(f"checkpoint not found: {path}")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DataError(f"{path} is not a checkpoint ({type(e).__name__})") from None
+    ck = load_checkpoint(path)
     if "vae" in ck:
         vae, ck = load_vae(path)
         return vae, vae.cfg.resolution, f"VAE, VFM {ck.get('vfm')}, align weight {ck['args']['align_weight']}"

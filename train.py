@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (DataError, autocast, batch_indices, error_line, get_dataset, pick_precision, print0, rng_state,
-                  save_checkpoint, save_grid, set_rng_state, setup_distributed)
+from data import (DataError, autocast, batch_indices, error_line, get_dataset, load_checkpoint, pick_precision, print0,
+                  rng_state, save_checkpoint, save_grid, set_rng_state, setup_distributed)
 from model import (PRESETS, UNITE, TwoStage, VAEConfig, count_params, draw_noise, generate, get_lr, make_config,
                    make_optimizers, update_ema)
 
@@ -116,11 +116,7 @@ def parse_args(argv=None):
 
 def load_tokenizer(path):
     """(VAEConfig, VAE weights, VFM label) of a sendvae.py checkpoint (--tokenizer)."""
-    if not os.path.isfile(path):
-        raise DataError(f"--tokenizer {path}: file not found")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    if "vae_config" not in ck:
-        raise DataError(f"--tokenizer {path} is not a sendvae.py checkpoint")
+    ck = load_checkpoint(path, "sendvae.py ", keys=("vae_config", "vae"))
     return VAEConfig(**ck["vae_config"]), ck["vae"], ck.get("vfm", "?")
 
 

@@ -126,6 +126,11 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
     one_line_error(run("sample.py", str(tmp_path / "missing.pt")), "checkpoint not found")
     (tmp_path / "junk.pt").write_bytes(b"junk")
     one_line_error(run("sample.py", str(tmp_path / "junk.pt")), "not a UNITE checkpoint")
+    torch.save({"vae_config": {}, "vae": {}}, tmp_path / "vae.pt")  # another script's checkpoint, each way round
+    one_line_error(run("sample.py", str(tmp_path / "vae.pt")), "not a UNITE checkpoint (it has no 'config')")
+    torch.save({"config": {}, "ema": {}, "model": {}}, tmp_path / "unite.pt")
+    one_line_error(run("train.py", *FAST, "--tokenizer", str(tmp_path / "unite.pt"), "--out-dir", str(tmp_path / "o")),
+                   "not a sendvae.py checkpoint (it has no 'vae_config')")
     one_line_error(run("train.py", *FAST, "--resume", str(tmp_path / "none.pt"), "--out-dir", str(tmp_path / "o")),
                    "file not found")
 
