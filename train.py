@@ -45,11 +45,13 @@ from model import (PRESETS, UNITE, TwoStage, VAEConfig, count_params, draw_noise
 #  adopted: a cosine lr decay to 0 (24% vs 37%), and the time shift 4 instead of the paper's 0.5 (better PSNR,
 #  23.9 vs 23.2 dB, but 22% vs 37%: the noisy end of the schedule is where the shape is decided).
 #  750 steps, not 850: a first run on a fresh machine also trains fid.py's FD-shapes CNN (~60 s) and took
-#  10 min 17 s at 850 steps.)
+#  10 min 17 s at 850 steps. lr 3e-3, not 2e-3: better on each of 3 seeds, shape_acc 0.60/0.50/0.47 vs
+#  0.44/0.44/0.44, reconstructions classified right 0.79 vs 0.71 on average. At 750 steps the EMA's warm-up
+#  (1+step)/(10+step) stays below 0.99, so --ema 0.99 and 0.995 give the same weights: the warm-up is the EMA.)
 PAPER_RUN = dict(data=None, batch_size=1024, micro_batch=64, lr=None, epochs=240, max_steps=None, ema=0.9978,
                  warmup_epochs=20, hold_epochs=30, decay_epochs=50, min_lr_frac=0.5, flow_copies=14,
                  sample_steps=50, cfg_scale=3.4, precision="auto")
-TINY_RUN = dict(data="shapes", batch_size=32, micro_batch=0, lr=2e-3, epochs=None, max_steps=750, ema=0.99,
+TINY_RUN = dict(data="shapes", batch_size=32, micro_batch=0, lr=3e-3, epochs=None, max_steps=750, ema=0.99,
                 warmup_epochs=0.1, hold_epochs=0, decay_epochs=None, min_lr_frac=1.0, flow_copies=1,
                 sample_steps=25, cfg_scale=4.0, precision="auto")
 
