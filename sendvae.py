@@ -416,9 +416,9 @@ def parse_args(argv=None):
     return args
 
 
-def load_vae(path):
-    """(AutoencoderKL, checkpoint dict) of a sendvae.py checkpoint."""
-    ck = load_checkpoint(path, "sendvae.py ", keys=("vae_config", "vae"))
+def load_vae(path, ck=None):
+    """(AutoencoderKL, checkpoint dict) of a sendvae.py checkpoint (ck: that file, if already loaded)."""
+    ck = ck or load_checkpoint(path, "sendvae.py ", keys=("vae_config", "vae"))
     try:
         vae = AutoencoderKL(VAEConfig(**ck["vae_config"]))
         vae.load_state_dict(ck["vae"])
@@ -451,7 +451,7 @@ def load_probe_target(path):
     Returns (module with .encode, image size, description)."""
     ck = load_checkpoint(path)
     if "vae" in ck:
-        vae, ck = load_vae(path)
+        vae, ck = load_vae(path, ck)
         return vae, vae.cfg.resolution, f"VAE, VFM {ck.get('vfm')}, align weight {ck['args']['align_weight']}"
     m = load_unite(path, ck)
     return UniteTokenizer(m.encoder).eval(), m.cfg.image_size, "UNITE Generative Encoder (EMA), tokenizer pass"

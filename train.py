@@ -246,7 +246,7 @@ def main(argv=None):
     step = 0
     resume = os.path.join(args.out_dir, "ckpt.pt") if args.resume == "auto" else args.resume
     if resume and os.path.exists(resume):
-        ck = torch.load(resume, map_location="cpu", weights_only=True)
+        ck = load_checkpoint(resume, "train.py ", keys=("config", "model", "ema", "optimizer", "step", "rng"))
         if ck["config"] != asdict(cfg):
             raise DataError(f"{resume} was trained with another model config; use another --out-dir")
         raw.load_state_dict(ck["model"])

@@ -133,6 +133,8 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
                    "not a sendvae.py checkpoint (it has no 'vae_config')")
     one_line_error(run("train.py", *FAST, "--resume", str(tmp_path / "none.pt"), "--out-dir", str(tmp_path / "o")),
                    "file not found")
+    one_line_error(run("train.py", *FAST, "--resume", str(tmp_path / "vae.pt"), "--out-dir", str(tmp_path / "o")),
+                   "not a train.py checkpoint (it has no 'config')")
 
 
 def test_folder_dataset_and_sigterm_saves(tmp_path):
