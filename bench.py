@@ -173,14 +173,15 @@ def image_variant(name, budget, seed, out):
     common = ["--seed", str(seed), "--max-steps", "1000000"]
     if name in ("shared", "separate", "no-stopgrad"):
         flags = {"shared": [], "separate": ["--separate"], "no-stopgrad": ["--no-stopgrad"]}[name]
-        r = run_script("train.py", *common, *flags, "--time-budget", str(budget), "--out-dir", out, out=out)
+        r = run_script("train.py", *common, *flags, "--time-budget", str(budget), "--budget-clock", "cpu",
+                       "--out-dir", out, out=out)
         probe = run_script("sendvae.py", "--probe", os.path.join(out, "ckpt.pt"))
         return dict(psnr=r["psnr"], fd=r["fd_shapes_500"], probe_f1=probe["probe_f1_mean"], steps=r["steps"])
     align = "1" if name == "sendvae-sit" else "0"                       # (5) Send-VAE, (4) plain VAE
     v = run_script("sendvae.py", *common, "--align-weight", align, "--time-budget", str(budget / 2),
                    "--out-dir", out + "_vae", out=out + "_vae")
     r = run_script("train.py", *common, "--tokenizer", os.path.join(out + "_vae", "ckpt.pt"),
-                   "--time-budget", str(budget / 2), "--out-dir", out, out=out)
+                   "--time-budget", str(budget / 2), "--budget-clock", "cpu", "--out-dir", out, out=out)
     return dict(psnr=v["psnr"], fd=r["fd_shapes_500"], probe_f1=v["probe_f1_mean"], steps=f"{v['steps']}+{r['steps']}")
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 
@@ -51,6 +52,16 @@ def rope_tables(n_tokens, head_dim, n_identity=0, theta=10000.0):
     return cos, sin
 
 
+def attend(q, k, v):
+    """F.scaled_dot_product_attention, q/k/v (B, H, T, hd). On CPU in bf16 the fused (flash) kernel is ~4x slower
+    than the plain math path at this repo's short sequences (bench.py-style timing, T = 20..68, fwd + bwd), while
+    in fp32 it is faster: pick the math path for exactly that case."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
 def apply_rope(x, cos, sin):
     """x (B, H, T, hd); rotate each interleaved pair (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
@@ -75,11 +86,11 @@ class Attention(nn.Module):
     def forward(self, x, rope=None):
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3x (B,H,T,hd)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.q_norm(q.float()), self.k_norm(k.float())  # QK-RMSNorm in fp32 (under autocast q, k are bf16)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        # under autocast the QK-RMSNorm returns fp32 while v is bf16: attend in v's dtype (as the code)
-        x = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v)
+        # attend in v's dtype: bf16 under autocast, as the code
+        x = attend(q.to(v.dtype), k.to(v.dtype), v)
         return self.proj(x.transpose(1, 2).reshape(B, T, D))                                        # (B, T, D)
 
 
@@ -296,7 +307,7 @@ class ViTBlock(nn.Module):
     def forward(self, x):
         B, T, D = x.shape
         q, k, v = self.attn.qkv(self.norm1(x)).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, D)
+        a = attend(q, k, v).transpose(1, 2).reshape(B, T, D)
         x = x + self.attn.proj(a)
         return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
 
@@ -620,7 +631,7 @@ class AttnBlock(nn.Module):
         B, C, H, W = x.shape
         h = self.norm(x)
         q, k, v = (m(h).flatten(2).transpose(1, 2)[:, None] for m in (self.q, self.k, self.v))  # (B, 1, HW, C)
-        a = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(B, C, H, W)
+        a = attend(q, k, v)[:, 0].transpose(1, 2).reshape(B, C, H, W)
         return x + self.proj_out(a)
 
 

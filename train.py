@@ -50,10 +50,10 @@ from model import (PRESETS, UNITE, TwoStage, VAEConfig, count_params, draw_noise
 #  (1+step)/(10+step) stays below 0.99, so --ema 0.99 and 0.995 give the same weights: the warm-up is the EMA.)
 PAPER_RUN = dict(data=None, batch_size=1024, micro_batch=64, lr=None, epochs=240, max_steps=None, ema=0.9978,
                  warmup_epochs=20, hold_epochs=30, decay_epochs=50, min_lr_frac=0.5, flow_copies=14,
-                 sample_steps=50, cfg_scale=3.4, precision="auto")
+                 sample_steps=50, cfg_scale=3.4, precision="auto", time_budget=0)
 TINY_RUN = dict(data="shapes", batch_size=32, micro_batch=0, lr=3e-3, epochs=None, max_steps=750, ema=0.99,
                 warmup_epochs=0.1, hold_epochs=0, decay_epochs=None, min_lr_frac=1.0, flow_copies=1,
-                sample_steps=25, cfg_scale=4.0, precision="auto")
+                sample_steps=25, cfg_scale=4.0, precision="auto", time_budget=480)
 
 
 def parse_args(argv=None):
@@ -77,8 +77,10 @@ def parse_args(argv=None):
                    help="muon: torch.optim.Muon on 2-D weights + AdamW on the rest (released code)")
     p.add_argument("--epochs", type=float, default=None)
     p.add_argument("--max-steps", type=int, default=None, help="overrides --epochs")
-    p.add_argument("--time-budget", type=float, default=0, help="also stop after this many seconds of this process's "
-                   "CPU time in the loop (0 = off; equal-budget comparisons, bench.py --ablation)")
+    p.add_argument("--time-budget", type=float, default=None, help="also stop after this many seconds of the loop "
+                   "(0 = off; tiny: a wall-clock safety net so the default run ends in 10 minutes on a slower CPU)")
+    p.add_argument("--budget-clock", default="wall", choices=["wall", "cpu"],
+                   help="cpu: count this process's CPU seconds (fair equal-budget comparisons on a shared machine)")
     p.add_argument("--warmup-epochs", type=float, default=None)
     p.add_argument("--hold-epochs", type=float, default=None, help="constant lr after warmup until here")
     p.add_argument("--decay-epochs", type=float, default=None, help="cosine to min-lr-frac by here (default: end)")
@@ -295,11 +297,13 @@ def main(argv=None):
     bar = tqdm(total=total, initial=step, disable=rank != 0 or not sys.stderr.isatty(), dynamic_ncols=True)
     t0, seen, bad, stats = time.time(), 0, 0, torch.zeros(3, device=device)
     t_start, step_start, cpu0 = time.time(), step, time.process_time()
+    clock = time.time if args.budget_clock == "wall" else time.process_time
+    clock0 = clock()
 
-    def out_of_time():  # CPU time, not wall time: a budget comparison stays fair on a shared machine
+    def out_of_time():
         if args.time_budget <= 0:
             return False
-        over = torch.tensor(float(time.process_time() - cpu0 > args.time_budget), device=device)
+        over = torch.tensor(float(clock() - clock0 > args.time_budget), device=device)
         if world > 1:
             dist.all_reduce(over, op=dist.ReduceOp.MAX)  # every rank stops at the same step
         return bool(over)
@@ -366,6 +370,8 @@ def main(argv=None):
                f"cfg {args.cfg_scale} for t>{args.cfg_min_t})")
     bar.close()
     train_s, train_cpu_s = time.time() - t_start, time.process_time() - cpu0
+    if step < total and not stop:
+        p0(f"--time-budget {args.time_budget:g} s ({args.budget_clock} clock) reached: stopped at step {step} of {total}")
     checkpoint()
     if stop:
         p0(f"SIGTERM: saved {args.out_dir}/ckpt.pt at step {step}, exiting")

@@ -187,6 +187,27 @@ def test_bf16_autocast_step_is_finite():
     assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
 
 
+def test_attend_equals_softmax_attention_in_both_precisions():
+    """model.attend picks SDPA's math path on CPU in bf16 (the fused kernel is ~4x slower there): both paths must give
+    softmax(q k^T / sqrt(d)) v, with gradients, and no dtype-mismatch fallback in the QK-RMSNorm under autocast."""
+    import warnings
+    from model import Attention, attend
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 20, 16) for _ in range(3))
+    ref = torch.softmax(q @ k.mT / 4.0, dim=-1) @ v
+    assert torch.allclose(attend(q, k, v), ref, atol=1e-5)
+    qb, kb, vb = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    out = attend(qb, kb, vb)
+    assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), ref, atol=3e-2)
+    out.float().sum().backward()
+    assert all(torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0 for t in (qb, kb, vb))
+    att = Attention(32, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when rms_norm gets a bf16 input with an fp32 weight
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert att(torch.randn(2, 5, 32)).dtype == torch.bfloat16
+
+
 def test_batched_muon_equals_torch_muon():
     """model.Muon batches Newton-Schulz over same-shape matrices: in bf16 it must give torch.optim.Muon's weights
     bit for bit; in fp32 (the CPU default without bf16 units) it must stay within bf16 rounding of them."""

@@ -202,11 +202,15 @@ def test_fid_during_training_with_a_test_made_inception_file(tmp_path):
     assert np.isfinite(f) and f > 0
 
 
-def test_time_budget_stops_the_loop(tmp_path, capsys):
-    """--time-budget (CPU seconds of the loop) ends a run long before --max-steps, which still ends cleanly."""
-    train.main(FAST + ["--out-dir", str(tmp_path), "--max-steps", "100000", "--time-budget", "1"])
-    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert 0 < res["steps"] < 100000 and 1 <= res["cpu_s"] < 30
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
+def test_time_budget_stops_the_loop(tmp_path, capsys, clock):
+    """--time-budget (seconds of the loop, wall or CPU clock) ends a run long before --max-steps, which still ends
+    cleanly and says so."""
+    train.main(FAST + ["--out-dir", str(tmp_path), "--max-steps", "100000", "--time-budget", "1", "--budget-clock", clock])
+    out = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(out[-1])
+    assert 0 < res["steps"] < 100000 and 1 <= res[{"wall": "wall_s", "cpu": "cpu_s"}[clock]] < 30
+    assert f"reached: stopped at step {res['steps']} of 100000" in "\n".join(out)
     assert weights(tmp_path / "ckpt.pt", "step") == res["steps"]
 
 
