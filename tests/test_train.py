@@ -52,7 +52,10 @@ def logged(out):
 
 
 def same_run(a, b):
-    assert logged(a) == logged(b) and len(logged(a)) >= 2
+    la, lb = logged(a), logged(b)
+    # micro-batches and ranks change the order of the float sums, so a printed figure may differ in its last digit
+    # (seen on an AVX512 CPU: grad norm 54.054 vs 54.055); a wrong averaging is off by a factor, far outside this
+    assert len(la) >= 2 and np.allclose(la, lb, rtol=1e-4, atol=1e-4), (la, lb)
     wa, wb = weights(os.path.join(a, "ckpt.pt")), weights(os.path.join(b, "ckpt.pt"))
     # Adam and Muon normalise their updates: float-rounding differences in near-zero gradients (adaLN-Zero
     # weights, t-embedding at step 1) become updates of up to lr = 3e-3. The strict check is the logged loss and
