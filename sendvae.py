@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from data import (DataError, autocast, batch_indices, cache_dir, download, error_line, file_hash, get_dataset,
                   load_checkpoint, load_image, pick_precision, print0, save_checkpoint, save_grid)
-from model import VAE_PRESETS, AutoencoderKL, UniteConfig, UNITE, VAEConfig, ViTBlock, count_params, sincos_2d
+from model import VAE_PRESETS, AutoencoderKL, UniteConfig, UNITE, VAEConfig, ViTBlock, attend, count_params, sincos_2d
 
 # -----------------------------------------------------------------------------
 # DINOv2 (the VFM): a minimal ViT that loads the official checkpoint files as they are
@@ -88,7 +88,7 @@ class DinoBlock(ViTBlock):
     def forward(self, x):
         B, T, D = x.shape
         q, k, v = self.attn.qkv(self.norm1(x)).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, D)
+        a = attend(q, k, v).transpose(1, 2).reshape(B, T, D)
         x = x + self.ls1.gamma * self.attn.proj(a)
         return x + self.ls2.gamma * self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
 
