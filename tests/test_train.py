@@ -205,6 +205,15 @@ def test_fid_during_training_with_a_test_made_inception_file(tmp_path):
     assert np.isfinite(f) and f > 0
 
 
+def test_tiny_time_budget_only_guards_the_default_length():
+    """The tiny preset's 440 s guard applies to the default run only: an explicit --max-steps / --epochs runs in
+    full unless --time-budget is also given."""
+    assert train.parse_args([]).time_budget == train.TINY_RUN["time_budget"] > 0
+    assert train.parse_args(["--max-steps", "4500"]).time_budget == 0
+    assert train.parse_args(["--epochs", "3"]).time_budget == 0
+    assert train.parse_args(["--max-steps", "4500", "--time-budget", "60"]).time_budget == 60
+
+
 @pytest.mark.parametrize("clock", ["wall", "cpu"])
 def test_time_budget_stops_the_loop(tmp_path, capsys, clock):
     """--time-budget (seconds of the loop, wall or CPU clock) ends a run long before --max-steps, which still ends
