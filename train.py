@@ -121,9 +121,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.model not in PRESETS:
         raise DataError(f"unknown --model {args.model!r}; choose one of {', '.join(PRESETS)}")
-    if args.model in ("tiny", "micro") and args.time_budget is None and (args.max_steps, args.epochs) != (None, None):
+    tiny = args.model in ("tiny", "micro")
+    if tiny and args.time_budget is None and (args.max_steps, args.epochs) != (None, None):
         args.time_budget = 0  # the 10-minute guard is for the default run; an asked-for length runs in full
-    for k, v in (TINY_RUN if args.model in ("tiny", "micro") else PAPER_RUN).items():
+    for k, v in (TINY_RUN if tiny else PAPER_RUN).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.data is None:
