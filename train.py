@@ -45,7 +45,8 @@ from model import (PRESETS, UNITE, TwoStage, VAEConfig, count_params, draw_noise
 #    vs 0.71 at 32k images) than its 1.2x faster step makes up.
 #  - time_budget 440 s of wall clock, when no --max-steps / --epochs is given: a slower CPU (no bf16 units, fp32)
 #    stops earlier (session 10: 57 img/s, step 785, shape_acc 0.58), so the whole run, evaluation included, still
-#    ends within 10 minutes; the flat lr makes any stop a clean one. An asked-for length (e.g. --max-steps 4500) runs in full.
+#    ends within 10 minutes; the flat lr makes any stop a clean one. An asked-for length (e.g. --max-steps 4500)
+#    runs in full.
 #  - a flat lr after warmup (3e-3, better than 2e-3 on 3 seeds at 750 steps); the EMA does the averaging. A cosine
 #    cool-down over the last 500 steps gave the same shape_acc (0.745 vs 0.74).
 #  - CFG 3, the FD-best scale (the paper picks CFG by FID), 0.01 below CFG 4 in shape_acc: at 1500 steps, seeds 0 / 1,
