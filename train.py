@@ -39,14 +39,14 @@ from model import (PRESETS, UNITE, TwoStage, VAEConfig, count_params, draw_noise
 
 # run defaults: the paper's (A1 Tab. 8 + released config) for the big presets, a CPU budget for tiny.
 # tiny, measured on the built-in shapes data (README, Results; shape_acc = samples classified as their class):
-#  - 1500 steps of batch 32: ~400 s on a 2-core CPU with AVX512-BF16 (bf16 autocast; ~120 img/s over a whole
-#    default run, 140-160 in short bursts: the machine's speed varies). shape_acc by step (one thread): 500: 0.46,
-#    1000: 0.71, 1500: 0.73-0.75, 2000: 0.73-0.74: 1500 is on the plateau. Batch 64 learns less per image (0.44
-#    vs 0.71 at 32k images) than its 1.2x faster step makes up.
-#  - time_budget 440 s of wall clock, when no --max-steps / --epochs is given: a slower CPU (no bf16 units, fp32)
-#    stops earlier (session 10: 57 img/s, step 785, shape_acc 0.58), so the whole run, evaluation included, still
-#    ends within 10 minutes; the flat lr makes any stop a clean one. An asked-for length (e.g. --max-steps 4500)
-#    runs in full.
+#  - the preset's narrow GE (width 64; decoder 128, model.py) and up to 3000 steps of batch 32, stopped by a wall-clock
+#    budget of 440 s (below) on most CPUs: a 2-core CPU without bf16 units ran 1765 steps (128 img/s, shape_acc
+#    0.74; the width-128 GE of sessions 1-10 reached 785 steps and 0.58 there). At equal compute the shape accuracy
+#    follows the compute spent, whatever the width (session 10), and the narrow GE spends less per step.
+#    Batch 64 learns less per image than batch 32 (0.73 vs 0.77 at ~100k images, width 64).
+#  - time_budget 440 s of wall clock, when no --max-steps / --epochs is given, so the whole run, evaluation
+#    included, ends within 10 minutes on any 2-core CPU; the flat lr makes any stop a clean one. An asked-for
+#    length (e.g. --max-steps 4500) runs in full.
 #  - a flat lr after warmup (3e-3, better than 2e-3 on 3 seeds at 750 steps); the EMA does the averaging. A cosine
 #    cool-down over the last 500 steps gave the same shape_acc (0.745 vs 0.74).
 #  - CFG 3, the FD-best scale (the paper picks CFG by FID), 0.01 below CFG 4 in shape_acc: at 1500 steps, seeds 0 / 1,
@@ -62,7 +62,7 @@ from model import (PRESETS, UNITE, TwoStage, VAEConfig, count_params, draw_noise
 PAPER_RUN = dict(data=None, batch_size=1024, micro_batch=64, lr=None, epochs=240, max_steps=None, ema=0.9978,
                  warmup_epochs=20, hold_epochs=30, decay_epochs=50, min_lr_frac=0.5, flow_copies=14,
                  sample_steps=50, cfg_scale=3.4, precision="auto", time_budget=0)
-TINY_RUN = dict(data="shapes", batch_size=32, micro_batch=0, lr=3e-3, epochs=None, max_steps=1500, ema=0.99,
+TINY_RUN = dict(data="shapes", batch_size=32, micro_batch=0, lr=3e-3, epochs=None, max_steps=3000, ema=0.99,
                 warmup_epochs=0.1, hold_epochs=0, decay_epochs=None, min_lr_frac=1.0, flow_copies=1,
                 sample_steps=25, cfg_scale=3.0, precision="auto", time_budget=440)
 
