@@ -40,9 +40,10 @@ from model import (PRESETS, UNITE, TwoStage, VAEConfig, count_params, draw_noise
 # run defaults: the paper's (A1 Tab. 8 + released config) for the big presets, a CPU budget for tiny.
 # tiny, measured on the built-in shapes data (README, Results; shape_acc = samples classified as their class):
 #  - the preset's narrow GE (width 64; decoder 128, model.py) and up to 3000 steps of batch 32, stopped by a wall-clock
-#    budget of 440 s (below) on most CPUs: a 2-core CPU without bf16 units ran 1765 steps (128 img/s, shape_acc
-#    0.74; the width-128 GE of sessions 1-10 reached 785 steps and 0.58 there). At equal compute the shape accuracy
-#    follows the compute spent, whatever the width (session 10), and the narrow GE spends less per step.
+#    budget of 440 s (below) on slower CPUs: on shapes v2 a 2-core CPU without bf16 units ran 1765 steps (128 img/s,
+#    shape_acc 0.74; the width-128 GE of sessions 1-10 reached 785 steps and 0.58 there). At equal compute the shape
+#    accuracy follows the compute spent, whatever the width (session 10), and the narrow GE spends less per step.
+#    The data sets the rest: on shapes v3 (tilt -10..10 degrees, data.py) the same 3000 steps give 0.95, v2 0.77.
 #    Batch 64 learns less per image than batch 32 (0.73 vs 0.77 at ~100k images, width 64).
 #  - time_budget 440 s of wall clock, when no --max-steps / --epochs is given, so the whole run, evaluation
 #    included, ends within 10 minutes on any 2-core CPU; the flat lr makes any stop a clean one. An asked-for

@@ -250,3 +250,23 @@ def test_shape_acc_matches_generated_labels(monkeypatch):
         monkeypatch.setattr(train, "generate", fake)
         fd, acc = train.fd_shapes_of_samples(ema, 30, 6, args, rank=0, world=1)
         assert acc == want and np.isfinite(fd)
+
+
+def test_shapes_tilt_range_and_bins(monkeypatch):
+    """Shapes v3 tilts by -10..10 degrees in 4 rotation bins. A square tilted by theta fills 1 / (cos + sin)^2 of its
+    bounding box: >= 0.745 for |theta| <= 10 (0.5 at 45 degrees, which version 2's 0..90 drew), and the outer bins
+    (5-10 degrees either way) fill less than the inner ones. White shapes on black make the mask exact."""
+    import data
+    monkeypatch.setattr(data, "COLORS", np.full((8, 3), 250, np.float32))
+    monkeypatch.setattr(data, "BACKGROUNDS", np.zeros((4, 3), np.float32))
+    imgs, a = data.make_shapes(1500, seed=5)
+    fill, bins = [], []
+    for img, b in zip(imgs[a["shape"] == 1], a["rotation"][a["shape"] == 1]):
+        ys, xs = np.nonzero(img.mean(-1) > 128)
+        if min(ys.min(), xs.min()) > 0 and max(ys.max(), xs.max()) < 31:  # not cut by the border
+            fill.append(len(ys) / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1)))
+            bins.append(b)
+    fill, bins = np.array(fill), np.array(bins)
+    assert len(fill) > 100 and set(bins) == {0, 1, 2, 3}
+    assert fill.min() > 0.7
+    assert fill[(bins == 1) | (bins == 2)].mean() > fill[(bins == 0) | (bins == 3)].mean() + 0.03
