@@ -154,6 +154,7 @@ class UniteConfig:
     dec_depth: int = 12
     dec_width: int = 768
     dec_heads: int = 12
+    dec_in_width: int = 768         # width between the decoder's two input Linears (released code: 768)
     num_classes: int = 1000         # null class = num_classes
     in_context_len: int = 32        # class tokens prepended from block in_context_start on (0 = off)
     in_context_start: int = 4
@@ -278,12 +279,15 @@ class GenerativeEncoder(nn.Module):
         x = self.final_linear(modulate(self.final_norm(x), shift, scale))            # (B, K, C)
         return self.out_norm(x.float())                                               # LayerNorm in fp32
 
-    def tokenize(self, images):
-        """Pass 1: image -> z0 (B, K, C). Registers = fresh noise, t ~ U[0, recon_t_max), class = null."""
-        B, cfg = images.shape[0], self.cfg
-        noise = torch.randn(B, cfg.num_tokens, cfg.latent_dim, device=images.device)
-        t = torch.rand(B, device=images.device) * cfg.recon_t_max
-        null = torch.full((B,), cfg.num_classes, device=images.device, dtype=torch.long)
+    def tokenize(self, images, noise=None, t=None):
+        """Pass 1: image -> z0 (B, K, C). Registers = Gaussian noise (B, K, C), t ~ U[0, recon_t_max) (B,),
+        class = null. Pass noise / t to fix them (training draws them per sample; checks compare codes)."""
+        B, cfg, dev = images.shape[0], self.cfg, images.device
+        if noise is None:
+            noise = torch.randn(B, cfg.num_tokens, cfg.latent_dim, device=dev)
+        if t is None:
+            t = torch.rand(B, device=dev) * cfg.recon_t_max
+        null = torch.full((B,), cfg.num_classes, device=dev, dtype=torch.long)
         return self(noise, t, null, images)
 
     def denoise(self, z_t, t, y):
@@ -314,14 +318,15 @@ class ViTBlock(nn.Module):
 
 class Decoder(nn.Module):
     """Latent (B, K, C) -> image (B, 3, H, W) in [0, 1] (no output activation; clamp only at eval).
-    The released code maps C -> 768 -> D with two consecutive Linear layers; they compose to one linear map,
-    so here it is one Linear(C, D)."""
+    The input is two Linear layers, C -> dec_in_width -> D, as the released code (its `up_sample_decoder`,
+    hard-coded to 768, then the decoder's `decoder_embed`): one linear map, but kept as two so the released
+    weights load key for key and training starts from the same (PyTorch default) init."""
 
     def __init__(self, cfg: UniteConfig):
         super().__init__()
         D, p = cfg.dec_width, cfg.patch_size
         self.cfg = cfg
-        self.embed = nn.Linear(cfg.latent_dim, D)
+        self.embed = nn.Sequential(nn.Linear(cfg.latent_dim, cfg.dec_in_width), nn.Linear(cfg.dec_in_width, D))
         self.cls = nn.Parameter(torch.zeros(1, 1, D))
         pos = torch.cat([torch.zeros(1, D), sincos_2d(D, cfg.grid)])                 # CLS slot = 0
         self.register_buffer("pos", pos.unsqueeze(0), persistent=False)              # (1, 1+K, D) fixed
@@ -416,8 +421,7 @@ class UNITE(nn.Module):
         cfg = self.cfg
         if noise is None:
             noise = draw_noise(cfg, images.shape[0], images.device)
-        null = torch.full_like(labels, cfg.num_classes)
-        z0 = self.encoder(noise["registers"], noise["recon_t"], null, images)        # pass 1: (B, T, C)
+        z0 = self.encoder.tokenize(images, noise["registers"], noise["recon_t"])     # pass 1: (B, T, C)
         recon = self.decoder(noise_augment(z0, noise))
         rec = self.recon_loss(recon, images)
         zd = z0 if cfg.no_stopgrad else z0.detach()                                   # stop-grad (Tab. 7a)
@@ -440,10 +444,12 @@ def time_grid(steps, shift, device=None):
 
 def guided_x(denoiser, z, t, y, cfg_scale, cfg_min_t, null):
     """x-prediction with classifier-free guidance applied to all channels of the full latent, on the
-    LayerNorm-ed cond/uncond predictions ("norm_first", as the code): u + w (c - u), only where t > cfg_min_t
-    (guidance interval: none on the noisiest part). One batched forward for both halves, same noise."""
+    LayerNorm-ed cond/uncond predictions ("norm_first", as the code): u + w (c - u), only for
+    cfg_min_t < t < 1. The interval is open at t = 1 as in the released encoder.forward_with_cfg
+    (`t < high`), so a Heun step's last evaluation at t = 1 is unguided. One batched forward for both
+    halves, same noise."""
     tb = torch.full((z.shape[0],), float(t), device=z.device)
-    if cfg_scale == 1.0 or float(t) <= cfg_min_t:
+    if cfg_scale == 1.0 or not cfg_min_t < float(t) < 1.0:
         return denoiser.denoise(z, tb, y)
     out = denoiser.denoise(torch.cat([z, z]), torch.cat([tb, tb]), torch.cat([y, torch.full_like(y, null)]))
     cond, uncond = out.chunk(2)
@@ -815,10 +821,10 @@ PRESETS = {
     # decoder stays at 128 (decoder 64 vs 128, one run each at about the same CPU time: FD-shapes 182 vs 161).
     # README, session 11.
     "tiny": dict(image_size=32, patch_size=8, latent_dim=16, enc_depth=6, enc_width=64, enc_heads=2,
-                 dec_depth=4, dec_width=128, dec_heads=2, in_context_len=4, in_context_start=2, flow_copies=2,
+                 dec_depth=4, dec_width=128, dec_heads=2, dec_in_width=128, in_context_len=4, in_context_start=2, flow_copies=2,
                  recon_weight=30.0),
     "micro": dict(image_size=32, patch_size=8, latent_dim=8, enc_depth=2, enc_width=64, enc_heads=2, dec_depth=1,
-                  dec_width=64, dec_heads=2, in_context_len=2, in_context_start=1, flow_copies=2),  # tests
+                  dec_width=64, dec_heads=2, dec_in_width=64, in_context_len=2, in_context_start=1, flow_copies=2),  # tests
     "S": dict(enc_depth=12, enc_width=384, enc_heads=6, dec_depth=12, dec_width=384, dec_heads=6),
     "B": dict(enc_depth=12, enc_width=768, enc_heads=12, dec_depth=12, dec_width=768, dec_heads=12),
     "L": dict(enc_depth=24, enc_width=1024, enc_heads=16, dec_depth=12, dec_width=768, dec_heads=12),
