@@ -314,7 +314,7 @@ def get_dataset(name, resolution=32, split="train"):
 
 # -----------------------------------------------------------------------------
 # runtime shared by the training scripts (train.py, sendvae.py, molecules.py):
-# devices, processes, precision, data order, checkpoints, RNG state
+# devices, processes, precision, data order, checkpoints
 
 def setup_distributed(device_arg):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python train.py` is a world of one."""
@@ -391,15 +391,3 @@ def load_checkpoint(path, what="", keys=()):
     if missing:
         raise DataError(f"{path} is not a {what}checkpoint (it has no {missing[0]!r})")
     return ck
-
-
-def rng_state(gen):
-    return {"torch": torch.get_rng_state(), "noise": gen.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state, gen):
-    torch.set_rng_state(state["torch"])
-    gen.set_state(state["noise"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -317,6 +317,89 @@ def gather_features(features):
 
 
 # -----------------------------------------------------------------------------
+# 8-bit images and the evaluation loops shared by train.py and sample.py
+
+def to_uint8(x):
+    """Floats in [0, 1] -> uint8 exactly as the released code converts them before Inception and
+    PNGs: x 255, clamp, TRUNCATE (utils/fid.py:80 `(images * 255).clamp(0, 255).to(torch.uint8)` for
+    FID; engines/eval.py:485/529 `(x * 255).clip(0, 255).astype(np.uint8)` for rFID, PSNR and its
+    PNGs). Floor, not round: on average 0.5/255 darker than rounding. Exact on 8-bit inputs: in
+    float32, (k / 255) * 255 truncates to k for every k."""
+    return (x.detach().float() * 255).clamp(0, 255).to(torch.uint8)
+
+
+def quantize_8bit(x):
+    """x as an 8-bit image (a PNG) stores it, as floats in [0, 1]: what FID and PSNR measure."""
+    return to_uint8(x).float() / 255
+
+
+def psnr_8bit(recon, ref):
+    """Per-image PSNR (N,) float64 in dB of 8-bit images (uint8, or floats in [0, 1] put through
+    to_uint8), as the released utils/eval_metrics.py compute_psnr: 20 log10(255 / sqrt(mse)) on the
+    0..255 scale, mse floored at 1e-10; its figure is the mean over images (engines/eval.py:532)."""
+    a, b = (t if t.dtype == torch.uint8 else to_uint8(t) for t in (recon, ref))
+    mse = ((a.double() - b.double()) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return 20 * torch.log10(255 / mse.sqrt())
+
+
+def shard(n, rank=0, world=1):
+    """Evaluation item i is made on rank i % world; gather_features returns them rank by rank."""
+    return list(range(rank, n, world))
+
+
+@torch.inference_mode()
+def generated_features(sample_fn, feature_fn, n, batch_size=100, rank=0, world=1):
+    """(n, D) float64 numpy features of n generated images, on every rank. sample_fn(indices) ->
+    images (B, 3, H, W) in [0, 1]; feature_fn(images) -> (B, D): InceptionV3, ShapesNet or any
+    function. The images are made 8-bit first (quantize_8bit): the features are those of the PNGs
+    sample.py writes, but none is written (in memory, as the released engines/eval.py:181-192)."""
+    if n < world:
+        raise DataError(f"{n} evaluation samples for {world} processes: ask for at least one each")
+    idx = shard(n, rank, world)
+    feats = [feature_fn(quantize_8bit(sample_fn(idx[i:i + batch_size]))).float()
+             for i in range(0, len(idx), batch_size)]
+    return gather_features(torch.cat(feats)).cpu().double().numpy()
+
+
+def rank0_first(build):
+    """build(), under DDP on rank 0 first (it may download or train a network and cache it), then on
+    the other ranks, which read the cached file."""
+    ddp = dist.is_available() and dist.is_initialized()
+    out = build() if not ddp or dist.get_rank() == 0 else None
+    if ddp:
+        dist.barrier()
+    return out if out is not None else build()
+
+
+def load_inception(weights_path=None, device="cpu"):
+    """The FID InceptionV3 on device (DDP-safe: rank0_first)."""
+    return rank0_first(lambda: InceptionV3(weights_path)).to(device).eval()
+
+
+def load_stats(path):
+    """(mu, sigma) float64 of a statistics .npz (fid.py --save-stats, pytorch-fid, ADM's, JiT's)."""
+    if not (path.lower().endswith(".npz") and os.path.isfile(path)):
+        raise DataError(f"reference statistics not found: {path} (make them with python fid.py "
+                        f"IMAGES --save-stats STATS.npz)")
+    x = load_input(path)
+    if not isinstance(x, tuple):
+        raise DataError(f"{path} holds images, not mu/sigma: python fid.py {path} --save-stats "
+                        f"STATS.npz")
+    return np.asarray(x[0], np.float64), np.asarray(x[1], np.float64)
+
+
+def protocol_note(net):
+    """What made a score: printed with every FID / FD."""
+    if isinstance(net, InceptionV3):
+        official = net.sha256 == FID_WEIGHTS_SHA256
+        note = "" if official else ", NOT the official weights: not comparable"
+        return f"pytorch-fid protocol, inception sha256 {(net.sha256 or '?')[:8]}...{note}"
+    if isinstance(net, ShapesNet):
+        return "ShapesNet 256-d penultimate features; not FID, not comparable with FIDs"
+    return f"features of {getattr(net, '__name__', type(net).__name__)}; not FID"
+
+
+# -----------------------------------------------------------------------------
 # FD-shapes: an offline Frechet distance for the built-in shapes data (not FID)
 
 class ShapesNet(nn.Module):
@@ -488,12 +571,10 @@ def run(args):
         label = result["metric"] + (f"-{result['n']}" if "n" in result else "")
         if net is None:
             protocol = "from two statistics files: their network and protocol are whatever produced them"
-        elif args.metric == "fid":
-            result["inception_sha256"] = net.sha256
-            note = "" if net.sha256 == FID_WEIGHTS_SHA256 else ", NOT the official weights: not comparable"
-            protocol = f"pytorch-fid protocol, inception sha256 {net.sha256[:8]}...{note}"
         else:
-            protocol = "ShapesNet v1 256-d penultimate features; not FID, not comparable with FIDs"
+            protocol = protocol_note(net)
+            if args.metric == "fid":
+                result["inception_sha256"] = net.sha256
         print(f"{label}: {result['value']:.3f} ({protocol})")
     print(json.dumps(result))
 

@@ -11,6 +11,7 @@ The null class (for classifier-free guidance) is index `num_classes`.
 Where the paper text and the released code differ, this file follows the code and says so.
 """
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -168,11 +169,14 @@ class UniteConfig:
     noise_aug_prob: float = 0.5     # decoder-input noise augmentation on half the batch ...
     noise_aug_min: float = 0.7      # ... with s ~ U[0.7, 1] (Tab. 7c)
     flow_copies: int = 14           # K noised copies per image (A1 Tab. 8; the code's config has 3)
+    flow_chunk: int = 3             # copies per denoiser forward (released flow_mini_batch): bounds the
+                                    # recompute transient of checkpointed blocks, not the saved activations
     time_shift: float = 0.5         # alpha of t' = a t / (1 + (a - 1) t) (Tab. 7e)
     t_eps: float = 0.05             # (1 - t) clamp in the velocity
     separate: bool = False          # Tab. 7a: separate tokenizer and denoiser weights
     no_stopgrad: bool = False       # Tab. 7a: let the flow loss reach the tokenizer pass through z0
-    grad_checkpoint: bool = False   # recompute GE blocks in the denoising pass (memory for large K)
+    grad_checkpoint: str = "auto"   # recompute GE blocks in backward: off | flow (denoising pass) | all
+                                    # (both passes) | auto = flow when K > 4, as the released UNITE.__init__
     latent_tokens: int = 0          # latent registers; 0 = one per image patch (molecules.py sets its own)
     input_tokens: int = 0           # tokens the input embedding appends after the registers; 0 = image patches
 
@@ -251,9 +255,10 @@ class GenerativeEncoder(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def forward(self, z, t, y, images=None):
+    def forward(self, z, t, y, images=None, checkpoint_blocks=False):
         """z (B, K, C) registers, t (B,) in [0,1], y (B,) labels (num_classes = null), images (B, 3, H, W) (or
-        whatever input_embed takes) or None. Returns the LayerNorm-ed register outputs (B, K, C)."""
+        whatever input_embed takes) or None. Returns the LayerNorm-ed register outputs (B, K, C).
+        checkpoint_blocks: keep only each block's input for backward and recompute the rest there."""
         cfg, K = self.cfg, z.shape[1]
         x = self.latent_in(z) + self.latent_pos                                       # (B, K, D)
         if images is not None:
@@ -268,7 +273,7 @@ class GenerativeEncoder(nn.Module):
                 # in-context class tokens: y_emb + learned positions, identity RoPE (cos 1, sin 0)
                 x = torch.cat([y_emb.unsqueeze(1) + self.in_context_pos, x], dim=1)  # (B, L+T, D)
                 rope = (self.rope_ic_cos[:L + T], self.rope_ic_sin[:L + T])
-            if cfg.grad_checkpoint and self.training and torch.is_grad_enabled():
+            if checkpoint_blocks and torch.is_grad_enabled():
                 x = checkpoint(blk, x, c, rope, use_reentrant=False)
             else:
                 x = blk(x, c, rope)
@@ -288,11 +293,11 @@ class GenerativeEncoder(nn.Module):
         if t is None:
             t = torch.rand(B, device=dev) * cfg.recon_t_max
         null = torch.full((B,), cfg.num_classes, device=dev, dtype=torch.long)
-        return self(noise, t, null, images)
+        return self(noise, t, null, images, checkpoint_blocks=cfg.grad_checkpoint == "all")
 
-    def denoise(self, z_t, t, y):
+    def denoise(self, z_t, t, y, checkpoint_blocks=False):
         """Pass 2 / sampling: noised latent -> LayerNorm-ed x-prediction of z0 (B, K, C)."""
-        return self(z_t, t, y)
+        return self(z_t, t, y, checkpoint_blocks=checkpoint_blocks)
 
 
 # -----------------------------------------------------------------------------
@@ -345,11 +350,146 @@ class Decoder(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# LPIPS (Zhang et al. 2018, v0.1, VGG16 trunk): the perceptual half of the released
+# reconstruction loss, L_recon = L1 + 1.0 * LPIPS (configs/imagenet.yaml perceptual_weight).
+# Same maths as the `lpips` package and UNITE's modules/autoencoding_utils/lpips.py. Module
+# names follow torchvision (features.N), so its vgg16 file loads key for key; the heads load
+# from the published file (linK.model.1.weight).
+
+# the two weight files: (url, sha256, file name in data.cache_dir())
+LPIPS_FILES = {
+    # torchvision's ImageNet VGG16 (VGG16_Weights.IMAGENET1K_V1, 553,433,881 bytes). torchvision
+    # checks only the 8-digit prefix in the name; the full sha256 is the one projects pin for it
+    "vgg": ("https://download.pytorch.org/models/vgg16-397923af.pth",
+            "397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0",
+            "vgg16-397923af.pth"),
+    # the v0.1 VGG heads (7,289 bytes, md5 d507d7349b931f0638a25a48a722f98a), from the URL the
+    # released UNITE code downloads (lpips.py URL_MAP); the same bytes ship in the `lpips` wheel
+    # and in richzhang/PerceptualSimilarity as lpips/weights/v0.1/vgg.pth
+    "lin": ("https://heibox.uni-heidelberg.de/f/607503859c864bc1b30b/?dl=1",
+            "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868",
+            "lpips_vgg_v0.1.pth"),
+}
+assert LPIPS_FILES["vgg"][1].startswith(LPIPS_FILES["vgg"][0].rsplit("-", 1)[1][:8])
+
+
+def _load_weights(path, keys):
+    """{key: tensor} from a torch.save'd state dict; `keys` maps each key we need to its shape.
+    Other keys are ignored (torchvision's file also holds the classifier). Problems: DataError."""
+    import data  # lazy: model.py needs nothing else from data.py (and its imports)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise data.DataError(f"{path}: no such file") from None
+    except Exception as e:
+        raise data.DataError(f"{path}: not a torch state dict ({type(e).__name__})") from None
+    for k, shape in keys.items():
+        if k not in sd:
+            raise data.DataError(f"{path}: missing key {k!r}")
+        if tuple(sd[k].shape) != tuple(shape):
+            raise data.DataError(f"{path}: {k!r} has shape {tuple(sd[k].shape)}, "
+                                 f"expected {tuple(shape)}")
+    return {k: sd[k] for k in keys}
+
+
+class LPIPS(nn.Module):
+    """LPIPS v0.1, VGG16 trunk: forward(a, b), images (B, 3, H, W) in [-1, 1] -> distances (B,).
+    d = sum over relu1_2 .. relu5_3 of mean_hw(w_l . (f_a - f_b)^2), f = the features of the
+    scaled input, unit-normalised over channels. Frozen and always in eval mode. None paths give
+    random weights (tests, memory counts)."""
+
+    CHANNELS = (64, 128, 256, 512, 512)
+    TAPS = (3, 8, 15, 22, 29)      # indices of relu1_2 .. relu5_3 in torchvision's vgg16.features
+    VGG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+
+    def __init__(self, vgg_path=None, lin_path=None):
+        super().__init__()
+        layers, cin = [], 3
+        for v in self.VGG:          # torchvision's vgg16 ("D") layout up to relu5_3: 30 layers
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU()]
+                cin = v
+        self.features = nn.Sequential(*layers)
+        self.heads = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in self.CHANNELS)
+        # v0.1 scaling layer, [-1, 1] -> ~ImageNet-normalised; constants, kept out of state_dict
+        shift, scale = torch.tensor([-.030, -.088, -.188]), torch.tensor([.458, .448, .450])
+        self.register_buffer("shift", shift.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", scale.view(1, 3, 1, 1), persistent=False)
+        if vgg_path is not None:
+            own = self.features.state_dict()
+            sd = _load_weights(vgg_path, {"features." + k: v.shape for k, v in own.items()})
+            self.features.load_state_dict({k: sd["features." + k] for k in own})
+        if lin_path is not None:
+            keys = {f"lin{i}.model.1.weight": h.weight.shape for i, h in enumerate(self.heads)}
+            sd = _load_weights(lin_path, keys)
+            for h, k in zip(self.heads, keys):
+                h.weight.data.copy_(sd[k])
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode=True):
+        return super().train(False)  # a fixed metric: never in training mode (see head_dropout)
+
+    def taps(self, x):
+        """x (B, 3, H, W) in [-1, 1] -> the five relu outputs (B, C_l, H / 2^l, W / 2^l)."""
+        x, out = (x - self.shift) / self.scale, []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.TAPS:
+                out.append(x)
+        return out
+
+    def forward(self, a, b, head_dropout=False):
+        """a, b (B, 3, H, W) in [-1, 1] -> (B,). head_dropout=True: dropout p = 0.5 on the
+        squared feature differences before each head, as in the released training steps."""
+        d = 0
+        for fa, fb, head in zip(self.taps(a), self.taps(b), self.heads):
+            fa = fa / (fa.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)     # unit norm over C
+            fb = fb / (fb.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            diff = F.dropout((fa - fb) ** 2, 0.5, training=head_dropout)   # (B, C_l, h, w)
+            d = d + head(diff).mean(dim=(1, 2, 3))                         # (B,) spatial mean
+        return d
+
+
+def lpips_loss(lpips, recon, images, released=True, training=True):
+    """The LPIPS term of the reconstruction loss: batch mean of lpips(images, recon); recon and
+    images (B, 3, H, W) in [0, 1] (this repo's range). released=True does what the released UNITE
+    code does (modules/autoencoding_utils/lpips.py, models/unite.py):
+      - it feeds the [0, 1] images unchanged to a net that expects [-1, 1] (unite.py:289);
+      - its heads have nn.Dropout(0.5) (use_dropout=True, lpips.py:238, 186); UNITE calls
+        lpips_loss.eval() once (unite.py:52), but train_one_epoch's model.train()
+        (engines/train.py:37) recurses into it, so dropout is on in every training step:
+        pass training=model.training;
+      - reduction "mean" over the (B, 1, 1, 1) distances, i.e. over the batch (lpips.py:280).
+    released=False is LPIPS as defined: inputs 2x - 1, no dropout."""
+    if released:
+        return lpips(images, recon, head_dropout=training).mean()
+    return lpips(2 * images - 1, 2 * recon - 1).mean()
+
+
+def load_lpips(device="cpu"):
+    """LPIPS with the published weights, downloaded once into data.cache_dir() (sha256-checked).
+    A missing file offline: one DataError line saying where to put each missing file."""
+    import os
+    import data  # lazy, as in _load_weights
+    paths, errors = [], []
+    for url, sha256, name in LPIPS_FILES.values():
+        try:
+            paths.append(data.download(url, os.path.join(data.cache_dir(), name), "sha256", sha256))
+        except data.DataError as e:
+            errors.append(str(e))
+    if errors:
+        raise data.DataError("LPIPS weights: " + "; ".join(errors))
+    return LPIPS(*paths).to(device)
+
+
+# -----------------------------------------------------------------------------
 # UNITE: the two passes and their losses
 
 def draw_noise(cfg: UniteConfig, B, device=None, generator=None):
-    """All the randomness of one training step for B images, batch axis first (so a DDP rank can take its slice
-    of the global batch's draw, and the run does not depend on the number of GPUs)."""
+    """All the randomness of one training step for B images, batch axis first."""
     K, T, C = cfg.flow_copies, cfg.num_tokens, cfg.latent_dim
     rand = lambda *s: torch.rand(*s, device=device, generator=generator)
     randn = lambda *s: torch.randn(*s, device=device, generator=generator)
@@ -366,6 +506,16 @@ def draw_noise(cfg: UniteConfig, B, device=None, generator=None):
     )
 
 
+def step_noise(cfg: UniteConfig, seed, step, rows, device=None):
+    """draw_noise for the global samples `rows` of training step `step`, each from its own generator seeded
+    by (seed, step, row). A rank draws only its own micro-batch (no global-batch buffer), and the run is
+    the same on any number of GPUs, at any accumulation, and after --resume."""
+    device = torch.device(device or "cpu")
+    parts = [draw_noise(cfg, 1, device, torch.Generator(device).manual_seed(
+        ((seed * 1_000_003 + step) * 1_000_003 + int(r)) % 2 ** 63)) for r in rows]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
 def sample_t(normal, shift):
     """Training t from standard normals: logit-normal(0, 1), then shifted t' = a t / (1 + (a-1) t); a = 0.5
     pushes t toward noise (t=0), median 0.5 -> 0.33 (code's modules/denoiser.py; the paper text says U[0, 1])."""
@@ -380,19 +530,31 @@ def noise_augment(z, noise):
     return torch.where(noise["aug_mask"][:, None, None], s * z + (1 - s) * noise["aug_eps"], z)
 
 
+def checkpoint_flow(cfg: UniteConfig):
+    """Recompute the denoising pass's blocks in backward? The released UNITE.__init__ turns it on when
+    K > 4: the K copies then hold far more activations than the tokenizer pass."""
+    return cfg.grad_checkpoint in ("flow", "all") or (cfg.grad_checkpoint == "auto" and cfg.flow_copies > 4)
+
+
 def flow_loss(denoiser, z0, y, noise, cfg: UniteConfig):
-    """Pass 2 on K noised copies of z0 (B, T, C), fused into one batch of B*K sequences.
-    x-prediction trained with the velocity-space MSE: mean[((z0 - x_hat) / max(1 - t, 0.05))^2].
-    As in the code, the K per-copy batch means are SUMMED (never divided by K)."""
-    B, K = z0.shape[0], cfg.flow_copies
-    zd = z0.unsqueeze(1).expand(B, K, *z0.shape[1:]).reshape(B * K, *z0.shape[1:])  # (B*K, T, C)
-    t = noise["flow_t"].reshape(B * K)
-    yd = torch.where(noise["drop"], cfg.num_classes, y.unsqueeze(1)).reshape(B * K)  # null = num_classes
-    z_t = t[:, None, None] * zd + (1 - t[:, None, None]) * noise["flow_eps"].reshape(zd.shape)
-    x_hat = denoiser.denoise(z_t, t, yd)
-    w = (1 - t).clamp_min(cfg.t_eps)[:, None, None]
-    per_sample = (((zd - x_hat) / w) ** 2).mean(dim=(1, 2))                          # (B*K,)
-    return per_sample.mean() * K                                                      # = sum over copies
+    """Pass 2 on K noised copies of z0 (B, T, C), cfg.flow_chunk copies per forward (B * chunk sequences,
+    as the released forward_denoising). x-prediction trained with the velocity-space MSE:
+    mean[((z0 - x_hat) / max(1 - t, 0.05))^2]. As in the code, the K per-copy batch means are SUMMED
+    (never divided by K)."""
+    B, K, rest = z0.shape[0], cfg.flow_copies, z0.shape[1:]
+    total = 0.0
+    for k0 in range(0, K, cfg.flow_chunk):
+        c = min(K, k0 + cfg.flow_chunk) - k0                                         # copies in this chunk
+        zd = z0.unsqueeze(1).expand(B, c, *rest).reshape(B * c, *rest)               # (B*c, T, C)
+        t = noise["flow_t"][:, k0:k0 + c].reshape(B * c)
+        yd = torch.where(noise["drop"][:, k0:k0 + c], cfg.num_classes, y[:, None]).reshape(B * c)
+        eps = noise["flow_eps"][:, k0:k0 + c].reshape(zd.shape)
+        z_t = t[:, None, None] * zd + (1 - t[:, None, None]) * eps
+        x_hat = denoiser.denoise(z_t, t, yd, checkpoint_blocks=checkpoint_flow(cfg))
+        w = (1 - t).clamp_min(cfg.t_eps)[:, None, None]
+        per_sample = (((zd - x_hat) / w) ** 2).mean(dim=(1, 2))                      # (B*c,)
+        total = total + per_sample.view(B, c).mean(0).sum()                           # sum of copy means
+    return total
 
 
 def l1_loss(recon, images):
@@ -433,8 +595,132 @@ class UNITE(nn.Module):
         return self.decoder(self.encoder.tokenize(images)).clamp(0, 1)
 
 
+# The released checkpoints (ShivamDuggal4/UNITE-tokenization-generation, models/unite.py): our
+# modules are theirs tensor for tensor, under other names. First matching rule wins; others equal.
+_TO_OFFICIAL = [  # (our state-dict name, released name)
+    (r"^encoder\.latent_pos$", "latent_tokens"),
+    (r"^encoder\.patch_embed\.", "patch_embed.patch_embeddings.projection."),
+    (r"^encoder\.out_norm\.", "encoder_layer_norm."),
+    (r"^encoder\.latent_in\.", "encoder.up_sample."),
+    (r"^encoder\.t_embed\.", "encoder.t_embedder."),             # incl. the fixed frequencies W
+    (r"^encoder\.y_embed\.", "encoder.y_embedder.embedding_table."),
+    (r"^encoder\.in_context_pos$", "encoder.in_context_posemb"),
+    (r"^encoder\.final_norm\.", "encoder.final_layer.norm_final."),
+    (r"^encoder\.final_adaLN\.", "encoder.final_layer.adaLN_modulation."),
+    (r"^encoder\.final_linear\.", "encoder.final_layer.linear."),
+    (r"^(encoder\.blocks\.\d+)\.adaLN\.", r"\1.adaLN_modulation."),
+    (r"^decoder\.embed\.0\.", "up_sample_decoder."),
+    (r"^decoder\.embed\.1\.", "decoder.decoder_embed."),
+    (r"^decoder\.cls$", "decoder.trainable_cls_token"),
+    (r"^decoder\.norm\.", "decoder.decoder_norm."),
+    (r"^decoder\.head\.", "decoder.decoder_pred."),
+    (r"^decoder\.blocks\.(\d+)\.norm1\.", r"decoder.decoder_layers.\1.layernorm_before."),
+    (r"^decoder\.blocks\.(\d+)\.norm2\.", r"decoder.decoder_layers.\1.layernorm_after."),
+    (r"^decoder\.blocks\.(\d+)\.attn\.qkv\.", r"decoder.decoder_layers.\1.qkv."),
+    (r"^decoder\.blocks\.(\d+)\.attn\.proj\.", r"decoder.decoder_layers.\1.attn_proj."),
+    (r"^decoder\.blocks\.(\d+)\.mlp\.fc1\.", r"decoder.decoder_layers.\1.ffn_up."),
+    (r"^decoder\.blocks\.(\d+)\.mlp\.fc2\.", r"decoder.decoder_layers.\1.ffn_down."),
+]
+# released tensors with no trained content, skipped by name: the frozen LPIPS net, two tables their
+# forward never reads, and fixed tables that from_official checks against ours
+_OFFICIAL_SKIP = (r"^lpips_loss\.", r"^encoder\.pos_embed$",
+                  r"^encoder\.t_embedder\.special_time_emb$", r"^patch_embed\.position_embeddings$",
+                  r"^decoder\.decoder_pos_embed$",
+                  r"^encoder\.feat_rope(_incontext)?\.freqs_(cos|sin)$")
+
+
+def _official_name(key):
+    for pattern, repl in _TO_OFFICIAL:
+        name, n = re.subn(pattern, repl, key)
+        if n:
+            return name
+    return key
+
+
+def from_official(state_dict, cfg: UniteConfig, preset=None):
+    """UNITE(cfg) carrying the weights of the released code's `UNITE` (its models/unite.py).
+
+    state_dict: a plain state dict of theirs, or their checkpoint file's dict (utils/checkpoint.py:
+    step, epoch, model, ema, current_best_cfg_scale, optimizer(_muon), scheduler(_muon); no config),
+    of which "ema" is used (else "model"). The `_orig_mod.` of torch.compile (their decoder is
+    compiled, so its keys carry it) and a leading `module.` are stripped. Names, theirs -> ours
+    (rules in _TO_OFFICIAL):
+      latent_tokens -> encoder.latent_pos
+      patch_embed.patch_embeddings.projection -> encoder.patch_embed
+      encoder.{up_sample, t_embedder, y_embedder.embedding_table, in_context_posemb}
+          -> encoder.{latent_in, t_embed, y_embed, in_context_pos}
+      encoder.final_layer.{norm_final, adaLN_modulation, linear}
+          -> encoder.final_{norm, adaLN, linear}
+      encoder.blocks.i.adaLN_modulation -> encoder.blocks.i.adaLN (the rest of a block: same names)
+      encoder_layer_norm -> encoder.out_norm
+      up_sample_decoder, decoder.decoder_embed -> decoder.embed.0, decoder.embed.1 (C -> 768 -> D)
+      decoder.trainable_cls_token (D,) -> decoder.cls (1, 1, D)
+      decoder.decoder_layers.i.{layernorm_before, qkv, attn_proj, layernorm_after, ffn_up, ffn_down}
+          -> decoder.blocks.i.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}
+      decoder.decoder_norm, decoder.decoder_pred -> decoder.norm, decoder.head
+    Their label table has num_classes + 2 rows (LabelEmbedder: the classes, null = num_classes, and
+    a last row its comment calls "not required", which no label reaches): the last row is dropped.
+    Skipped by name (_OFFICIAL_SKIP): lpips_loss.*, encoder.pos_embed and special_time_emb (never
+    read); patch_embed.position_embeddings must be zero (its init is never called); the RoPE tables
+    and decoder_pos_embed must equal the ones we compute. Any other leftover or missing tensor, or a
+    shape that does not fit cfg, is a one-line DataError naming the tensor (and `preset`, e.g. "B").
+    The file cannot tell the decoder's head count or in_context_start: those come from cfg."""
+    from data import DataError  # imported here: nothing else in model.py needs data.py
+    sd = state_dict
+    for entry in ("ema", "model"):  # their file: the EMA weights, which all their evaluations use
+        if isinstance(state_dict.get(entry), dict):
+            sd = state_dict[entry]
+            break
+    sd = {re.sub(r"^module\.", "", k).replace("_orig_mod.", ""): v for k, v in sd.items()}
+    what = f"--model {preset}" if preset else "the model config"
+    if cfg.separate:
+        raise DataError("the released UNITE shares one GE for both passes: cfg.separate is set")
+    depths = (("encoder.blocks.", cfg.enc_depth), ("decoder.decoder_layers.", cfg.dec_depth))
+    for prefix, n_ours in depths:  # a wrong preset usually shows here first
+        idx = [int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)]
+        n = 1 + max(idx, default=-1)
+        if n != n_ours:
+            raise DataError(f"{what} has {n_ours} {prefix}* layers but the file has {n}")
+    model = UNITE(cfg)
+    ours, weights = model.state_dict(), {}
+    names = {_official_name(k): k for k in ours}                                 # released -> ours
+    for name, v in sd.items():
+        if any(re.search(p, name) for p in _OFFICIAL_SKIP):
+            continue
+        if name not in names:
+            raise DataError(f"the file has a tensor {name} that {what} has no place for")
+        k = names[name]
+        want = tuple(ours[k].shape)
+        if k == "encoder.y_embed.weight":
+            want = (want[0] + 1, want[1])                                  # + their unused last row
+        elif k == "decoder.cls":
+            want = want[-1:]                                               # (D,) in theirs
+        if tuple(v.shape) != want:
+            raise DataError(f"{name} is {tuple(v.shape)} in the file but {want} for {what}")
+        weights[k] = v[:-1] if k == "encoder.y_embed.weight" else v.reshape(ours[k].shape)
+    missing = [name for name, k in names.items() if k not in weights]
+    if missing:
+        raise DataError(f"the file has no tensor {missing[0]} (needed by {what})")
+    pe = sd.get("patch_embed.position_embeddings")
+    if pe is not None and pe.abs().max() > 0:
+        raise DataError("patch_embed.position_embeddings is not zero in the file (ours has none)")
+    enc = model.encoder
+    fixed = {"encoder.feat_rope.freqs_cos": enc.rope_cos,
+             "encoder.feat_rope.freqs_sin": enc.rope_sin,
+             "encoder.feat_rope_incontext.freqs_cos": enc.rope_ic_cos,
+             "encoder.feat_rope_incontext.freqs_sin": enc.rope_ic_sin,
+             "decoder.decoder_pos_embed": model.decoder.pos}
+    for name, table in fixed.items():
+        v = sd.get(name)
+        if v is not None and (v.shape != table.shape or (v.float() - table).abs().max() > 1e-5):
+            raise DataError(f"{name} in the file differs from the table we compute for {what}")
+    model.load_state_dict(weights)
+    return model
+
+
 # -----------------------------------------------------------------------------
-# samplers: fixed-step Euler / Heun on the shifted grid, CFG on the LayerNorm-ed x-prediction
+# samplers: fixed-step Euler / Heun on the shifted grid, adaptive dopri5 (released), CFG on the LayerNorm-ed
+# x-prediction
 
 def time_grid(steps, shift, device=None):
     """steps+1 times from 0 (noise) to 1 (clean), warped by the same shift as training."""
@@ -446,22 +732,124 @@ def guided_x(denoiser, z, t, y, cfg_scale, cfg_min_t, null):
     """x-prediction with classifier-free guidance applied to all channels of the full latent, on the
     LayerNorm-ed cond/uncond predictions ("norm_first", as the code): u + w (c - u), only for
     cfg_min_t < t < 1. The interval is open at t = 1 as in the released encoder.forward_with_cfg
-    (`t < high`), so a Heun step's last evaluation at t = 1 is unguided. One batched forward for both
-    halves, same noise."""
-    tb = torch.full((z.shape[0],), float(t), device=z.device)
-    if cfg_scale == 1.0 or not cfg_min_t < float(t) < 1.0:
+    (`t < high`), so a Heun step's last evaluation at t = 1 is unguided. t is a scalar or per sample
+    (B,) (dopri5); the interval is checked per sample, in t's own precision. One batched forward:
+    the cond pass for all samples plus the uncond pass for those inside the interval, same noise."""
+    tt = t if torch.is_tensor(t) else torch.tensor(float(t), dtype=torch.float64)
+    tt = tt.to(z.device).expand(z.shape[0])                                      # (B,)
+    tb, guide = tt.float(), (cfg_min_t < tt) & (tt < 1.0)                         # guide: (B,) bool
+    if cfg_scale == 1.0 or not guide.any():                                       # .any() is a sync
         return denoiser.denoise(z, tb, y)
-    out = denoiser.denoise(torch.cat([z, z]), torch.cat([tb, tb]), torch.cat([y, torch.full_like(y, null)]))
-    cond, uncond = out.chunk(2)
-    return uncond + cfg_scale * (cond - uncond)
+    g = guide.nonzero().squeeze(1)                                                # (G,) guided rows
+    out = denoiser.denoise(torch.cat([z, z[g]]), torch.cat([tb, tb[g]]),
+                           torch.cat([y, torch.full_like(y[g], null)]))          # (B+G, K, C)
+    cond, uncond = out[:z.shape[0]], out[z.shape[0]:]
+    return cond.index_copy(0, g, uncond + cfg_scale * (cond[g] - uncond))
+
+
+# Dormand-Prince 5(4), the tableau of torchdiffeq's dopri5 (the released sampler's solver). Stage s+1 runs at
+# t + C[s] h on y + h sum_j A[s][j] k_j. A's last row is the 5th-order solution y1, so the 7th slope is
+# f(t + h, y1) and is reused as the next step's first (FSAL): 6 evaluations per step. E = 5th minus 4th
+# order weights (the error estimate); MID = weights of y(t + h/2), for the dense output.
+DOPRI_C = (1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+DOPRI_A = ((1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
+           (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+           (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+           (35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84))
+DOPRI_E = (35 / 384 - 1951 / 21600, 0, 500 / 1113 - 22642 / 50085, 125 / 192 - 451 / 720,
+           -2187 / 6784 + 12231 / 42400, 11 / 84 - 649 / 6300, -1 / 60)
+DOPRI_MID = tuple(w / 2 for w in (6025192743 / 30085553152, 0, 51252292925 / 65400821598,
+                                  -2691868925 / 45128329728, 187940372067 / 1594534317056,
+                                  -1776094331 / 19743644256, 11237099 / 235043384))
+
+
+def rk_sum(k, w, h):
+    """h sum_j w_j k_j over the stage axis (last) of k, in torchdiffeq's float32 order: in the error
+    estimate the float32 terms cancel to ~1e-5 of their size, so the order of the sum shows there."""
+    w = torch.tensor(w, dtype=k.dtype, device=k.device)
+    return (k[..., :len(w)] * (h[..., None] * w)).sum(-1)
+
+
+def dopri5_dense(y0, y1, k, h, x):
+    """y(t0 + x h) inside one accepted step: torchdiffeq's quartic through y0, y(t0 + h/2), y1 and the end
+    slopes k[..., 0], k[..., -1]. h and x broadcast against y (float32)."""
+    ymid = y0 + rk_sum(k, DOPRI_MID, h)
+    f0, f1 = k[..., 0], k[..., -1]
+    a = 2 * h * (f1 - f0) - 8 * (y1 + y0) + 16 * ymid
+    b = h * (5 * f0 - 3 * f1) + 18 * y0 + 14 * y1 - 32 * ymid
+    c = h * (f1 - 4 * f0) - 11 * y0 - 5 * y1 + 16 * ymid
+    x2 = x * x
+    return y0 + x * (h * f0) + x2 * c + x2 * x * b + x2 * x * x * a
+
+
+def dopri5(f, y0, atol=1e-6, rtol=1e-3, t_end=1.0):
+    """Adaptive Dormand-Prince 5(4) for dy/dt = f(idx, y, t) from t=0 to t_end, with torchdiffeq's dopri5
+    rules: error ratio = RMS of err / (atol + rtol max(|y0|, |y1|)), accepted if <= 1; first step as
+    Hairer-Norsett-Wanner II.4; next h = h clip(0.9 ratio^(-1/5), 1 if accepted else 0.2, 10). Steps are
+    not cut at t_end: the last one may overshoot it, and y(t_end) is read off the dense output.
+    torchdiffeq takes one norm and one step over the whole batch; here every sample keeps its own t, h
+    and accept/reject, so its result does not depend on the batch it is in (at batch size 1 the two are
+    the same). f gets the batch rows idx still integrating, their states and their float32 times.
+    Returns (y(t_end), NFE per sample (B,))."""
+    B, dev = y0.shape[0], y0.device
+    col = lambda s: s.view(-1, *[1] * (y0.dim() - 1))                   # (n,) -> (n, 1, ..): broadcast
+    rms = lambda x: x.double().pow(2).flatten(1).mean(1).sqrt()          # per-sample RMS norm, (n,)
+    idx, t = torch.arange(B, device=dev), torch.zeros(B, dtype=torch.float64, device=dev)
+    # first step (torchdiffeq's _select_initial_step): h0 from |y0| / |f0|, then |f'| from an Euler step
+    f0 = f(idx, y0, t.float())
+    scale = atol + rtol * y0.double().abs()
+    d0, d1 = rms(y0 / scale), rms(f0 / scale)
+    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1)
+    d2 = rms((f(idx, y0 + col(h0).float() * f0, (t + h0).float()) - f0) / scale) / h0
+    h1 = torch.where((d1 <= 1e-15) & (d2 <= 1e-15), (1e-3 * h0).clamp_min(1e-6),
+                     (0.01 / torch.maximum(d1, d2)) ** (1 / 5))
+    h = torch.minimum(100 * h0, h1)                                      # (B,) float64, as all times
+    y, out, nfe = y0.clone(), torch.empty_like(y0), torch.full((B,), 2, device=dev)
+    live = torch.ones(B, dtype=torch.bool, device=dev)                   # not yet past t_end
+    while live.any():
+        i = live.nonzero().squeeze(1)                                    # only live samples step
+        ti, hi, yi = t[i], h[i], y[i]
+        assert (ti + hi > ti).all(), "dopri5: step size underflow (non-finite state?)"
+        hf, k = col(hi.float()), yi.new_empty((*yi.shape, 7))              # k: the 7 stage slopes
+        k[..., 0] = f0[i]
+        for s, (c, a) in enumerate(zip(DOPRI_C, DOPRI_A)):
+            ys = yi + rk_sum(k, a, hf)
+            te = (ti + hi).float()
+            # stages at the step's end see t one float32 ulp below it, as torchdiffeq (Perturb.PREV)
+            k[..., s + 1] = f(i, ys, te.nextafter(te - 1) if c == 1 else ti.float() + c * hi.float())
+        y1 = ys                                                          # the last stage's input
+        err = rk_sum(k, DOPRI_E, hf)
+        ratio = rms(err / (atol + rtol * torch.maximum(yi.abs(), y1.abs()).double()))
+        ok, t1 = ratio <= 1, ti + hi
+        lo = torch.full_like(ratio, 0.2).masked_fill(ratio < 1, 1.0)    # never shrink after a success
+        h[i] = hi * (0.9 / ratio ** (1 / 5)).maximum(lo).clamp(max=10.0)
+        nfe[i] += 6
+        fin = (ok & (t1 >= t_end)).nonzero().squeeze(1)                  # passed t_end: interpolate
+        if len(fin):
+            x = ((t_end - ti[fin]) / (t1[fin] - ti[fin])).float()
+            out[i[fin]] = dopri5_dense(yi[fin], y1[fin], k[fin], hf[fin], col(x))
+            live[i[fin]] = False
+        acc = ok.nonzero().squeeze(1)
+        y[i[acc]], f0[i[acc]], t[i[acc]] = y1[acc], k[acc][..., -1], t1[acc]
+    return out, nfe
 
 
 @torch.no_grad()
 def sample_latents(denoiser, noise, y, steps=50, method="heun", cfg_scale=1.0, cfg_min_t=0.1,
-                   shift=0.5, t_eps=0.05, null=None):
+                   shift=0.5, t_eps=0.05, null=None, atol=1e-6, rtol=1e-3):
     """Integrate dz/dt = v(z, t) from t=0 (noise) to t=1 (clean). Returns (z1 (B, K, C), NFE).
-    NFE counts denoiser calls per sample (a CFG call counts once; it evaluates 2 sequences)."""
+    NFE counts denoiser calls per sample (a CFG call counts once; it evaluates 2 sequences).
+    method: euler / heun (fixed steps on the shifted grid) or dopri5 (adaptive, atol / rtol, the released
+    sampler; its NFE is the mean over the batch). The model sees the integrator's own t in both cases; for
+    dopri5 `steps` and `shift` only place the released code's output grid, whose last point is t=1, so
+    they do not change the sample and are unused here."""
     null = denoiser.cfg.num_classes if null is None else null
+    if method == "dopri5":
+        def f(i, z, t):                                                 # rows i of the batch, t (n,)
+            x_hat = guided_x(denoiser, z, t, y[i], cfg_scale, cfg_min_t, null).float()
+            return (x_hat - z) / (1 - t).clamp_min(t_eps)[:, None, None]
+        z1, nfe = dopri5(f, noise.float(), atol, rtol)
+        return z1, nfe.double().mean().item()
     ts = time_grid(steps, shift, noise.device)
     z, nfe = noise.float(), 0
 
@@ -480,7 +868,7 @@ def sample_latents(denoiser, noise, y, steps=50, method="heun", cfg_scale=1.0, c
             z = z + (t1 - t0).item() * 0.5 * (d0 + v(z1, t1))
             nfe += 1
         else:
-            raise ValueError(f"unknown sampler {method!r}: use euler or heun")
+            raise ValueError(f"unknown sampler {method!r}: use euler, heun or dopri5")
     return z, nfe
 
 
@@ -586,8 +974,11 @@ def make_optimizers(model, args, ns_dtype=None):
 
 
 @torch.no_grad()
-def update_ema(ema, model, decay, step):
-    d = min(decay, (1 + step) / (10 + step))  # warm-up: an early EMA is not poisoned by the random init
+def update_ema(ema, model, decay, step, warmup=False):
+    """ema <- decay ema + (1 - decay) model, once per optimizer step, parameters only (released
+    utils/ema.py: fixed decay, no warm-up). warmup=True caps the decay at (1 + step) / (10 + step), so a
+    short run's EMA is not dominated by the random init (the tiny preset)."""
+    d = min(decay, (1 + step) / (10 + step)) if warmup else decay
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p.detach().float(), 1 - d)
 

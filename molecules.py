@@ -520,7 +520,7 @@ def main(argv=None):
         if torch.isfinite(norm):
             for o in opts:
                 o.step()
-            update_ema(ema, raw, args.ema, step)
+            update_ema(ema, raw, args.ema, step, warmup=True)
         for o in opts:
             o.zero_grad(set_to_none=True)
         stats += torch.stack([loss.detach(), st["recon"], st["flow"]]).cpu()

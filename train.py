@@ -33,9 +33,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import (DataError, autocast, batch_indices, error_line, get_dataset, load_checkpoint, pick_precision, print0,
-                  rng_state, save_checkpoint, save_grid, set_rng_state, setup_distributed)
-from model import (PRESETS, UNITE, TwoStage, VAEConfig, count_params, draw_noise, generate, get_lr, make_config,
-                   make_optimizers, update_ema)
+                  save_checkpoint, save_grid, setup_distributed)
+from model import (PRESETS, UNITE, TwoStage, VAEConfig, count_params, generate, get_lr, make_config,
+                   make_optimizers, step_noise, update_ema)
 
 # run defaults: the paper's (A1 Tab. 8 + released config) for the big presets, a CPU budget for tiny.
 # tiny, measured on the built-in shapes data (README, Results; shape_acc = samples classified as their class):
@@ -60,12 +60,21 @@ from model import (PRESETS, UNITE, TwoStage, VAEConfig, count_params, draw_noise
 #    ~190): recon weight 10 gave 0.77 on two seeds but a worse FD (210, 235) and 0.6 dB less PSNR; time shift 1
 #    0.76 / FD 175 on one seed (0.60 vs 0.71 at 1000 steps); latent width 8 0.72; decoder-input noise on every
 #    sample 0.74. None is a clear win over the seed spread, so the defaults stay.
+# The paper presets' schedule is the one the released code RUNS, not its config's numbers: configs/imagenet.yaml
+# says warmup 20 epochs, hold to 30, cosine to 0.5x by 50, but main_train.py converts epochs to steps with
+# len(loader) (micro-batches per rank) while engines/train.py steps the scheduler once per optimizer step
+# (grad accumulation 2): the run warms up to epoch 40, holds to 60 and reaches 0.5x at epoch 100.
+# Micro-batch: the released 64 per GPU for S/B (8 x 64 x 2 accum = 1024); 32 for L/XL so they fit 80 GB
+# (python train.py --model L --plan).
 PAPER_RUN = dict(data=None, batch_size=1024, micro_batch=64, lr=None, epochs=240, max_steps=None, ema=0.9978,
-                 warmup_epochs=20, hold_epochs=30, decay_epochs=50, min_lr_frac=0.5, flow_copies=14,
-                 sample_steps=50, cfg_scale=3.4, precision="auto", time_budget=0)
+                 ema_warmup=False, warmup_epochs=40, hold_epochs=60, decay_epochs=100, min_lr_frac=0.5,
+                 flow_copies=14, lpips=True, sampler="dopri5", sample_steps=50, cfg_scale=3.4,
+                 precision="auto", time_budget=0)
 TINY_RUN = dict(data="shapes", batch_size=32, micro_batch=0, lr=3e-3, epochs=None, max_steps=3000, ema=0.99,
-                warmup_epochs=0.1, hold_epochs=0, decay_epochs=None, min_lr_frac=1.0, flow_copies=1,
-                sample_steps=25, cfg_scale=3.0, precision="auto", time_budget=440)
+                ema_warmup=True, warmup_epochs=0.1, hold_epochs=0, decay_epochs=None, min_lr_frac=1.0,
+                flow_copies=1, lpips=False, sampler="heun", sample_steps=25, cfg_scale=3.0,
+                precision="auto", time_budget=440)
+LARGE_MICRO_BATCH = {"L": 32, "XL": 32}
 
 
 def parse_args(argv=None):
@@ -77,7 +86,13 @@ def parse_args(argv=None):
     p.add_argument("--flow-copies", type=int, default=None, help="K noised copies per image (paper 14)")
     p.add_argument("--separate", action="store_true", help="separate tokenizer/denoiser weights (Tab. 7a)")
     p.add_argument("--no-stopgrad", action="store_true", help="flow loss also reaches the tokenizer (Tab. 7a)")
-    p.add_argument("--grad-checkpoint", action="store_true", help="recompute GE blocks in the flow pass")
+    p.add_argument("--flow-chunk", type=int, default=3, help="flow copies per denoiser forward (released: 3)")
+    p.add_argument("--grad-checkpoint", default="auto", choices=["auto", "off", "flow", "all"],
+                   help="recompute GE blocks in backward: the denoising pass (flow), both passes (all);\n"
+                   "auto = flow when K > 4, as the released code")
+    p.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=None,
+                   help="L_recon = L1 + --lpips-weight x VGG-LPIPS (paper presets: on; tiny: off, L1 x 30)")
+    p.add_argument("--lpips-weight", type=float, default=1.0)
     p.add_argument("--tokenizer", default="", help="two-stage baseline: a sendvae.py checkpoint; the GE trains "
                    "denoise-only (a SiT) on its frozen VAE's latents")
     p.add_argument("--latent-stats-images", type=int, default=2000, help="images for the --tokenizer latent mean/std")
@@ -100,6 +115,8 @@ def parse_args(argv=None):
     p.add_argument("--min-lr-frac", type=float, default=None)
     p.add_argument("--grad-clip", type=float, default=3.0)
     p.add_argument("--ema", type=float, default=None, help="EMA decay per optimizer step (paper 0.9978)")
+    p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
+                   help="cap the EMA decay at (1+step)/(10+step) (tiny: on; released code: off)")
     p.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32"])
     # run
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
@@ -109,13 +126,20 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--sample-every", type=int, default=500, help="sample grid PNG every N steps (-1 = off)")
     p.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps (-1 = only at the end)")
+    p.add_argument("--plan", action="store_true", help="print the per-GPU memory plan of this run and exit "
+                   "(no data, no GPU, no training)")
+    p.add_argument("--plan-gpus", type=int, default=8, help="processes the --plan assumes")
+    p.add_argument("--gpu-gb", type=float, default=80.0, help="GPU memory the --plan checks against")
     # sampling (stored in the checkpoint; sample.py uses them by default)
-    p.add_argument("--sampler", default="heun", choices=["heun", "euler"])
-    p.add_argument("--sample-steps", type=int, default=None)
+    p.add_argument("--sampler", default=None, choices=["dopri5", "heun", "euler"],
+                   help="dopri5: adaptive, the paper's numbers (paper presets); heun: fixed steps (tiny)")
+    p.add_argument("--sample-steps", type=int, default=None, help="heun/euler steps")
     p.add_argument("--cfg-scale", type=float, default=None)
     p.add_argument("--cfg-min-t", type=float, default=0.1, help="guidance only for t > this (t=1 clean)")
     # evaluation
     p.add_argument("--eval-samples", type=int, default=500, help="generated images for the end-of-run figure")
+    p.add_argument("--val-data", default=None, help="held-out images for the end-of-run PSNR (default: the "
+                   "test split of shapes/cifar10;\nnone for a folder unless given, e.g. /imagenet/val)")
     p.add_argument("--fid-ref", default="", help="reference stats .npz for FID during training (fid.py)")
     p.add_argument("--fid-every", type=int, default=-1, help="FID every N steps against --fid-ref (-1 = off)")
     p.add_argument("--fid-samples", type=int, default=10000)
@@ -126,12 +150,22 @@ def parse_args(argv=None):
     tiny = args.model in ("tiny", "micro")
     if tiny and args.time_budget is None and (args.max_steps, args.epochs) != (None, None):
         args.time_budget = 0  # the 10-minute guard is for the default run; an asked-for length runs in full
+    if args.micro_batch is None and args.model in LARGE_MICRO_BATCH:
+        args.micro_batch = LARGE_MICRO_BATCH[args.model]
     for k, v in (TINY_RUN if tiny else PAPER_RUN).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.plan:
+        return args
     if args.data is None:
         raise DataError(f"--data is required for --model {args.model} (an ImageFolder path, or cifar10)")
     return args
+
+
+def build_config(args, num_classes, **overrides):
+    return make_config(args.model, num_classes=num_classes, flow_copies=args.flow_copies,
+                       flow_chunk=args.flow_chunk, separate=args.separate, no_stopgrad=args.no_stopgrad,
+                       grad_checkpoint=args.grad_checkpoint, **overrides)
 
 
 def load_tokenizer(path):
@@ -228,9 +262,7 @@ def main(argv=None):
     tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
     # two-stage: the VAE latent (B, C, h, w) becomes h*w GE tokens of C channels (patch = the VAE's down-sampling)
     tok_cfg = dict(patch_size=tok[0].factor, latent_dim=tok[0].z_channels) if tok else {}
-    cfg = make_config(args.model, num_classes=ds.num_classes, flow_copies=args.flow_copies,
-                      separate=args.separate, no_stopgrad=args.no_stopgrad, grad_checkpoint=args.grad_checkpoint,
-                      **tok_cfg)
+    cfg = build_config(args, ds.num_classes, **tok_cfg)
     if tok and cfg.image_size % tok[0].factor:
         raise DataError(f"--tokenizer: {cfg.image_size} px images do not divide by the VAE's factor {tok[0].factor}")
     if ds.num_classes == 1:
@@ -260,11 +292,10 @@ def main(argv=None):
         raw = UNITE(cfg).to(device)
     ema = copy.deepcopy(raw).float().eval().requires_grad_(False)
     opts = make_optimizers(raw, args, ns_dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
-    gen = torch.Generator(device).manual_seed(args.seed)  # the step noise: identical on every rank
     step = 0
     resume = os.path.join(args.out_dir, "ckpt.pt") if args.resume == "auto" else args.resume
     if resume and os.path.exists(resume):
-        ck = load_checkpoint(resume, "train.py ", keys=("config", "model", "ema", "optimizer", "step", "rng"))
+        ck = load_checkpoint(resume, "train.py ", keys=("config", "model", "ema", "optimizer", "step"))
         if ck["config"] != asdict(cfg):
             raise DataError(f"{resume} was trained with another model config; use another --out-dir")
         raw.load_state_dict(ck["model"])
@@ -272,7 +303,6 @@ def main(argv=None):
         for o, s in zip(opts, ck["optimizer"]):
             o.load_state_dict(s)
         step = ck["step"]
-        set_rng_state(ck["rng"], gen)
         p0(f"resumed from {resume} at step {step}")
     elif args.resume not in ("", "auto"):
         raise DataError(f"--resume {args.resume}: file not found")
@@ -302,7 +332,7 @@ def main(argv=None):
         if rank == 0:
             save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), {
                 "model": raw.state_dict(), "ema": ema.state_dict(), "optimizer": [o.state_dict() for o in opts],
-                "step": step, "config": asdict(cfg), "args": vars(args), "rng": rng_state(gen),
+                "step": step, "config": asdict(cfg), "args": vars(args),
                 "class_names": list(ds.class_names), "data": args.data,
                 **({"vae_config": asdict(tok[0]), "tokenizer": args.tokenizer} if tok else {})})
         if world > 1:
@@ -328,14 +358,13 @@ def main(argv=None):
         for o in opts:
             for g in o.param_groups:
                 g["lr"] = lr
-        # the step's noise for the whole global batch, sliced like the data: micro-step m, rank r -> rows
-        # (m * world + r) * micro ... so the run is the same for any world size and accumulation
-        step_noise = draw_noise(cfg, args.batch_size, device, gen)
         for m in range(accum):
             x, y = next(loader)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            # this micro-batch's rows of the global batch, as the data: micro-step m, rank r -> rows
+            # (m * world + r) * micro ...; their noise is keyed by (seed, step, row): any world, any accum
             lo = (m * world + rank) * args.micro_batch
-            noise = {k: v[lo:lo + args.micro_batch] for k, v in step_noise.items()}
+            noise = step_noise(cfg, args.seed, step, range(lo, lo + args.micro_batch), device)
             if ds.hflip:
                 x = torch.where(noise["flip"][:, None, None, None], x.flip(-1), x)
             sync = m == accum - 1 or world == 1  # all-reduce gradients only on the last micro-step
@@ -347,7 +376,7 @@ def main(argv=None):
         if torch.isfinite(norm):  # a sync point; identical on every rank (gradients are all-reduced)
             for o in opts:
                 o.step()
-            update_ema(ema, raw, args.ema, step)
+            update_ema(ema, raw, args.ema, step, args.ema_warmup)
             bad = 0
         else:
             bad += 1
