@@ -53,11 +53,14 @@ def rope_tables(n_tokens, head_dim, n_identity=0, theta=10000.0):
     return cos, sin
 
 
+CPU_BF16_MATH_ATTENTION = True  # train.py --plan sets False: count what a GPU's fused kernel saves
+
+
 def attend(q, k, v):
     """F.scaled_dot_product_attention, q/k/v (B, H, T, hd). On CPU in bf16 the fused (flash) kernel measured ~4x
     slower than the plain math path at this repo's short sequences (fwd + bwd, T = 20..68), while in fp32 it is the
     faster one: pick the math path for exactly that case."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and CPU_BF16_MATH_ATTENTION:
         with sdpa_kernel(SDPBackend.MATH):
             return F.scaled_dot_product_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)

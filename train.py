@@ -34,8 +34,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import (DataError, autocast, batch_indices, error_line, get_dataset, load_checkpoint, pick_precision, print0,
                   save_checkpoint, save_grid, setup_distributed)
-from model import (PRESETS, UNITE, TwoStage, VAEConfig, count_params, generate, get_lr, make_config,
-                   make_optimizers, step_noise, update_ema)
+from model import (PRESETS, UNITE, TwoStage, VAEConfig, count_params, generate, get_lr, l1_loss, load_lpips,
+                   lpips_loss, make_config, make_optimizers, step_noise, update_ema)
 
 # run defaults: the paper's (A1 Tab. 8 + released config) for the big presets, a CPU budget for tiny.
 # tiny, measured on the built-in shapes data (README, Results; shape_acc = samples classified as their class):
@@ -64,7 +64,7 @@ from model import (PRESETS, UNITE, TwoStage, VAEConfig, count_params, generate, 
 # says warmup 20 epochs, hold to 30, cosine to 0.5x by 50, but main_train.py converts epochs to steps with
 # len(loader) (micro-batches per rank) while engines/train.py steps the scheduler once per optimizer step
 # (grad accumulation 2): the run warms up to epoch 40, holds to 60 and reaches 0.5x at epoch 100.
-# Micro-batch: the released 64 per GPU for S/B (8 x 64 x 2 accum = 1024); 32 for L/XL so they fit 80 GB
+# Micro-batch: the released 64 per GPU for S/B (8 x 64 x 2 accum = 1024); 16 for L/XL so they fit 80 GB
 # (python train.py --model L --plan).
 PAPER_RUN = dict(data=None, batch_size=1024, micro_batch=64, lr=None, epochs=240, max_steps=None, ema=0.9978,
                  ema_warmup=False, warmup_epochs=40, hold_epochs=60, decay_epochs=100, min_lr_frac=0.5,
@@ -74,7 +74,7 @@ TINY_RUN = dict(data="shapes", batch_size=32, micro_batch=0, lr=3e-3, epochs=Non
                 ema_warmup=True, warmup_epochs=0.1, hold_epochs=0, decay_epochs=None, min_lr_frac=1.0,
                 flow_copies=1, lpips=False, sampler="heun", sample_steps=25, cfg_scale=3.0,
                 precision="auto", time_budget=440)
-LARGE_MICRO_BATCH = {"L": 32, "XL": 32}
+LARGE_MICRO_BATCH = {"L": 16, "XL": 16}
 
 
 def parse_args(argv=None):
@@ -155,6 +155,8 @@ def parse_args(argv=None):
     for k, v in (TINY_RUN if tiny else PAPER_RUN).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.lr is None:
+        args.lr = 1e-4 * args.batch_size / 384  # the released base lr scaling
     if args.plan:
         return args
     if args.data is None:
@@ -191,8 +193,11 @@ def sample_grid(ema, num_classes, args, path, per_class=8):
 
 
 @torch.no_grad()
-def psnr(ema, ds, device, n=256):
-    x = torch.stack([ds[i][0] for i in range(min(n, len(ds)))]).to(device)
+def psnr(ema, ds, device, n=256, seed=0):
+    """Mean PSNR of EMA reconstructions of n images drawn at random (seeded) from the whole set: the
+    first n of a class-sorted folder would be one class."""
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    x = torch.stack([ds[i][0] for i in idx]).to(device)
     rec = torch.cat([ema.reconstruct(x[i:i + 64]) for i in range(0, len(x), 64)])
     mse = ((rec - x) ** 2).flatten(1).mean(1).clamp_min(1e-10)
     return (10 * torch.log10(1 / mse)).mean().item()
@@ -248,9 +253,111 @@ def fid_of_samples(ema, n, num_classes, args, rank, world):
 
 
 # -----------------------------------------------------------------------------
+# --plan: the per-GPU memory of a run, counted without a GPU
+
+def saved_bytes(run, model):
+    """Bytes autograd holds for backward after run()'s forward: the distinct storages packed through
+    saved_tensors_hooks, less the parameters and buffers (states, counted apart), plus the inputs that a
+    checkpointed GE block keeps (its own saved tensors are recomputed in backward; forward pre-hooks see
+    them, and where the block is not checkpointed the same storages are saved anyway)."""
+    import model as M
+    own = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+    held = {}
+
+    def keep(t):
+        if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in own:
+            held[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+    hooks = [m.register_forward_pre_hook(lambda m, a: [keep(t) for t in a] and None)
+             for m in model.modules() if isinstance(m, M.Block)]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(held.values())
+
+
+def memory_plan(args, fake=True):
+    """The per-GPU memory of `args`'s run at --plan-gpus processes, in bytes: states from the parameter
+    lists; activations counted on the step itself, built with fake tensors (shapes only, no compute:
+    FakeTensorMode) under bf16 autocast, with attention through SDPA's fused kernel as on a GPU
+    (it saves q, k, v, out and the log-sum-exp, not the T x T matrix). A lower bound: no allocator
+    fragmentation, no CUDA context, no cuDNN/cuBLAS workspaces. fake=False runs it for real (tests)."""
+    import model as M
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    world = args.plan_gpus
+    micro = args.micro_batch or args.batch_size // world
+    accum = args.batch_size // (micro * world)
+    cfg = build_config(args, 6 if args.model in ("tiny", "micro") else 1000)
+    bf16 = args.precision != "fp32"
+    M.CPU_BF16_MATH_ATTENTION = False
+    try:
+        with FakeTensorMode() if fake else contextlib.nullcontext():
+            lp = M.LPIPS() if args.lpips else None
+            model = UNITE(cfg, recon_loss=recon_loss_fn(args, lp)).train()
+            x = torch.rand(micro, 3, cfg.image_size, cfg.image_size)
+            noise = M.draw_noise(cfg, micro)
+            y = torch.randint(0, cfg.num_classes, (micro,))
+            with autocast(torch.device("cpu"), "bf16" if bf16 else "fp32"):
+                act = saved_bytes(lambda: model(x, y, noise), model)
+                # backward recomputes one checkpointed block at a time: its saved tensors, for a chunk
+                blk, T = model.encoder.blocks[-1], cfg.num_tokens + cfg.in_context_len
+                z = torch.randn(micro * cfg.flow_chunk, T, cfg.enc_width, requires_grad=True)
+                c = torch.randn(micro * cfg.flow_chunk, cfg.enc_width)
+                rope = (model.encoder.rope_ic_cos[:T], model.encoder.rope_ic_sin[:T])
+                recompute = saved_bytes(lambda: blk(z, c, rope), model) if M.checkpoint_flow(cfg) else 0
+    finally:
+        M.CPU_BF16_MATH_ATTENTION = True
+    n = lambda ps: sum(p.numel() for p in ps)
+    with FakeTensorMode():
+        opts = make_optimizers(UNITE(cfg), args)
+    adam = n(opts[0].param_groups[0]["params"])
+    muon = n(opts[1].param_groups[0]["params"]) if len(opts) > 1 else 0
+    params = adam + muon
+    states = dict(weights=4 * params, grads=4 * params, ddp_buckets=4 * params if world > 1 else 0,
+                  adamw=8 * adam, muon=4 * muon, ema=4 * params,
+                  lpips=4 * 14_714_688 if args.lpips else 0)  # VGG16 conv trunk, frozen fp32
+    st = sum(states.values())
+    peak = st + act + recompute
+    return dict(model=args.model, gpus=world, params_m=round(params / 1e6, 2), micro_batch=micro,
+                accum_steps=accum, flow_copies=cfg.flow_copies, flow_chunk=cfg.flow_chunk,
+                grad_checkpoint=cfg.grad_checkpoint, checkpoint_flow=M.checkpoint_flow(cfg),
+                lpips=bool(args.lpips), precision="bf16" if bf16 else "fp32",
+                activation_bytes=act, states_gb=round(st / 1e9, 2), activation_gb=round(act / 1e9, 2),
+                recompute_gb=round(recompute / 1e9, 2), peak_gb_per_gpu=round(peak / 1e9, 2),
+                fits=peak / 1e9 <= args.gpu_gb, **{f"{k}_gb": round(v / 1e9, 2) for k, v in states.items()})
+
+
+def print_plan(args):
+    plan = memory_plan(args)
+    print(f"UNITE-{args.model} on {plan['gpus']} GPUs: {plan['params_m']}M trained parameters | global batch "
+          f"{args.batch_size} = {plan['micro_batch']} x {plan['accum_steps']} accum x {plan['gpus']} | "
+          f"K = {plan['flow_copies']} flow copies in chunks of {plan['flow_chunk']}, denoising pass "
+          f"{'checkpointed' if plan['checkpoint_flow'] else 'not checkpointed'} (--grad-checkpoint "
+          f"{plan['grad_checkpoint']}) | {plan['precision']}, LPIPS {'on' if plan['lpips'] else 'off'}")
+    print("  states: " + ", ".join(f"{k} {plan[k + '_gb']:.2f}" for k in
+                                   ("weights", "grads", "ddp_buckets", "adamw", "muon", "ema", "lpips"))
+          + f" = {plan['states_gb']:.2f} GB")
+    print(f"  activations saved for backward (micro-batch {plan['micro_batch']}): {plan['activation_gb']:.2f} GB"
+          f" + one checkpointed block recomputed in backward: {plan['recompute_gb']:.2f} GB")
+    print(f"  peak per GPU >= {plan['peak_gb_per_gpu']:.2f} GB of {args.gpu_gb:g} GB: "
+          + ("fits" if plan["fits"] else "does NOT fit: lower --micro-batch or use --grad-checkpoint all"))
+    print(json.dumps(plan))
+
+
+def recon_loss_fn(args, lpips=None):
+    """L_recon: L1 (the model's default), or L1 + w * LPIPS as the released code (lpips_loss says how)."""
+    if not args.lpips:
+        return l1_loss
+    return lambda recon, x: l1_loss(recon, x) + args.lpips_weight * lpips_loss(lpips, recon, x)
+
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.plan:
+        return print_plan(args)
     rank, world, device = setup_distributed(args.device)
     os.makedirs(args.out_dir, exist_ok=True)
     log = open(os.path.join(args.out_dir, "log.txt"), "a") if rank == 0 else None
@@ -277,8 +384,6 @@ def main(argv=None):
         raise DataError(f"{len(ds)} images is fewer than one batch of {args.batch_size}")
     if args.fid_ref and not os.path.isfile(args.fid_ref):
         raise DataError(f"--fid-ref {args.fid_ref}: file not found (make one with: python fid.py DATA --save-stats)")
-    if args.lr is None:
-        args.lr = 1e-4 * args.batch_size / 384
     total = args.max_steps or int(args.epochs * steps_per_epoch)
 
     torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts it)
@@ -289,7 +394,7 @@ def main(argv=None):
         raw.decoder.fit_latent_stats(torch.stack([ds[i][0] for i in range(j, min(n, j + 100))]).to(device)
                                      for j in range(0, n, 100))
     else:
-        raw = UNITE(cfg).to(device)
+        raw = UNITE(cfg, recon_loss=recon_loss_fn(args, load_lpips(device) if args.lpips else None)).to(device)
     ema = copy.deepcopy(raw).float().eval().requires_grad_(False)
     opts = make_optimizers(raw, args, ns_dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     step = 0
@@ -426,8 +531,11 @@ def main(argv=None):
            "img_per_s": round((step - step_start) * args.batch_size / max(train_s, 1e-9), 1)}
     if rank == 0:
         sample_grid(ema, cfg.num_classes, args, os.path.join(args.out_dir, "samples.png"))
-        test = get_dataset(args.data, cfg.image_size, "test") if args.data in ("shapes", "cifar10") else ds
-        res["psnr"] = round(psnr(ema, test, device), 2)
+        val = args.val_data or (args.data if args.data in ("shapes", "cifar10") else None)
+        if val:  # held-out images: the test split of shapes / cifar10, or --val-data
+            res["psnr"] = round(psnr(ema, get_dataset(val, cfg.image_size, "test"), device), 2)
+        else:
+            p0("no --val-data: end-of-run PSNR skipped (it is measured on held-out images only)")
     if args.data == "shapes" and args.eval_samples > 1:
         fd, acc = fd_shapes_of_samples(ema, args.eval_samples, cfg.num_classes, args, rank, world)
         res[f"fd_shapes_{args.eval_samples}"], res["shape_acc"] = round(fd, 3), round(acc, 3)

@@ -270,3 +270,39 @@ def test_shapes_tilt_range_and_bins(monkeypatch):
     assert len(fill) > 100 and set(bins) == {0, 1, 2, 3}
     assert fill.min() > 0.7
     assert fill[(bins == 1) | (bins == 2)].mean() > fill[(bins == 0) | (bins == 3)].mean() + 0.03
+
+
+def plan_args(*extra):
+    return train.parse_args(["--plan", *extra])
+
+
+def test_plan_fake_count_equals_the_real_saved_tensors():
+    """--plan counts with fake tensors (shapes only); the same step run for real saves exactly as many bytes,
+    with LPIPS, chunked flow copies and the checkpointed denoising pass (K = 6 > 4: auto)."""
+    args = plan_args("--model", "micro", "--micro-batch", "3", "--batch-size", "6", "--plan-gpus", "2",
+                     "--flow-copies", "6", "--lpips")
+    fake, real = train.memory_plan(args, fake=True), train.memory_plan(args, fake=False)
+    assert fake["checkpoint_flow"] and fake["activation_bytes"] > 0
+    assert fake["activation_bytes"] == real["activation_bytes"]
+    assert fake["recompute_gb"] == real["recompute_gb"]
+
+
+def test_plan_activations_scale_and_checkpointing_cuts_them():
+    """Saved activations grow linearly with the micro-batch; checkpointing the denoising pass keeps only each
+    block's input, far less than the blocks' saved tensors; chunking alone changes nothing."""
+    base = ["--model", "micro", "--batch-size", "8", "--plan-gpus", "1", "--flow-copies", "6"]
+    act = lambda *a: train.memory_plan(plan_args(*base, *a))["activation_bytes"]
+    one, two = act("--micro-batch", "1"), act("--micro-batch", "2")
+    assert act("--micro-batch", "4") - two == 2 * (two - one)
+    assert act("--micro-batch", "4", "--grad-checkpoint", "off") > 1.5 * act("--micro-batch", "4")
+    off = ("--micro-batch", "4", "--grad-checkpoint", "off")
+    assert act(*off, "--flow-chunk", "1") == act(*off, "--flow-chunk", "6")
+
+
+def test_plan_paper_presets_fit_80gb(capsys):
+    """The default B and L runs on 8 GPUs fit an 80 GB card (a lower bound), and the last line is JSON."""
+    for m in ("B", "L"):
+        train.main(["--model", m, "--plan"])
+        plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert plan["peak_gb_per_gpu"] <= 80 and plan["gpus"] == 8 and plan["flow_copies"] == 14
+        assert plan["checkpoint_flow"] and plan["lpips"] and plan["accum_steps"] * plan["micro_batch"] * 8 == 1024
