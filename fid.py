@@ -5,6 +5,13 @@ FID (equal to pytorch-fid), Inception Score, and FD-shapes, an offline Frechet d
     python fid.py samples/ VIRTUAL_imagenet256_labeled.npz --is   # against ADM's reference mu/sigma, plus IS
     python fid.py cifar10-train --save-stats cifar10_train.npz     # reference stats, pytorch-fid's npz format
     python fid.py samples/ shapes-test --metric fd-shapes          # offline, built-in data only
+    python sample.py ckpt.pt --fid-ref ref.npz --cfg-scales 3,3.2   # FID of samples, in memory
+
+8-bit images: everything is measured as an 8-bit PNG stores it. Image files and the datasets
+are 8-bit already. Generated images and reconstructions go through to_uint8, in memory
+(generated_features: sample.py's FID and CFG search, train.py's evaluation). to_uint8 clamps and
+truncates, as the released UNITE code does before torch-fidelity (utils/fid.py:80) and before its
+PNGs (engines/eval.py:529).
 
 Protocol (pytorch-fid's): images as floats in [0, 1] -> bilinear resize to 299x299 (align_corners=False) -> 2x-1
 -> the TF 2015-12-05 Inception v3 as pytorch-fid ports it -> 2048-d pool3 features -> mu, sigma in float64 ->
@@ -580,7 +587,9 @@ def run(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description="FID (pytorch-fid protocol), Inception Score, FD-shapes")
+    p = argparse.ArgumentParser(description="FID (pytorch-fid protocol), Inception Score, FD-shapes",
+                                epilog=__doc__.split("\n\n")[1],  # the commands of the docstring
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help=f"1 or 2 of: image folder, .npz (mu/sigma, or arr_0 images), "
                                              f"{', '.join(DATASETS)}; the first one is the generated side")
     p.add_argument("--metric", choices=["fid", "fd-shapes"], default="fid", help="fd-shapes: 32x32 shapes only")

@@ -713,9 +713,11 @@ def from_official(state_dict, cfg: UniteConfig, preset=None):
              "encoder.feat_rope_incontext.freqs_cos": enc.rope_ic_cos,
              "encoder.feat_rope_incontext.freqs_sin": enc.rope_ic_sin,
              "decoder.decoder_pos_embed": model.decoder.pos}
+    # tolerance 1e-4: their EMA also averages the frozen decoder_pos_embed (a requires_grad=False
+    # parameter), which moves it by ~3e-6 in float32; a table of another shape or grid is off by O(1)
     for name, table in fixed.items():
         v = sd.get(name)
-        if v is not None and (v.shape != table.shape or (v.float() - table).abs().max() > 1e-5):
+        if v is not None and (v.shape != table.shape or (v.float() - table).abs().max() > 1e-4):
             raise DataError(f"{name} in the file differs from the table we compute for {what}")
     model.load_state_dict(weights)
     return model
@@ -739,21 +741,22 @@ def guided_x(denoiser, z, t, y, cfg_scale, cfg_min_t, null):
     (B,) (dopri5); the interval is checked per sample, in t's own precision. One batched forward:
     the cond pass for all samples plus the uncond pass for those inside the interval, same noise."""
     tt = t if torch.is_tensor(t) else torch.tensor(float(t), dtype=torch.float64)
-    tt = tt.to(z.device).expand(z.shape[0])                                      # (B,)
-    tb, guide = tt.float(), (cfg_min_t < tt) & (tt < 1.0)                         # guide: (B,) bool
-    if cfg_scale == 1.0 or not guide.any():                                       # .any() is a sync
+    tt = tt.to(z.device).expand(z.shape[0])                                  # (B,)
+    tb, guide = tt.float(), (cfg_min_t < tt) & (tt < 1.0)                     # guide: (B,) bool
+    if cfg_scale == 1.0 or not guide.any():                                   # .any() is a sync
         return denoiser.denoise(z, tb, y)
-    g = guide.nonzero().squeeze(1)                                                # (G,) guided rows
+    g = guide.nonzero().squeeze(1)                                            # (G,) guided rows
     out = denoiser.denoise(torch.cat([z, z[g]]), torch.cat([tb, tb[g]]),
-                           torch.cat([y, torch.full_like(y[g], null)]))          # (B+G, K, C)
+                           torch.cat([y, torch.full_like(y[g], null)]))      # (B+G, K, C)
     cond, uncond = out[:z.shape[0]], out[z.shape[0]:]
     return cond.index_copy(0, g, uncond + cfg_scale * (cond[g] - uncond))
 
 
-# Dormand-Prince 5(4), the tableau of torchdiffeq's dopri5 (the released sampler's solver). Stage s+1 runs at
-# t + C[s] h on y + h sum_j A[s][j] k_j. A's last row is the 5th-order solution y1, so the 7th slope is
-# f(t + h, y1) and is reused as the next step's first (FSAL): 6 evaluations per step. E = 5th minus 4th
-# order weights (the error estimate); MID = weights of y(t + h/2), for the dense output.
+# Dormand-Prince 5(4) with torchdiffeq's coefficients (dopri5, the released sampler's solver). Stage
+# s+1 runs at t + C[s] h on y + h sum_j A[s][j] k_j. A's last row is the 5th-order solution y1, so
+# the 7th slope is f(t + h, y1), reused as the next step's first (FSAL): 6 evaluations a step.
+# E = 5th minus embedded 4th-order weights (the error estimate; torchdiffeq's 4th-order pair gives
+# 2/3 of scipy's RK45 estimate); MID = the weights of y(t + h/2), for the dense output.
 DOPRI_C = (1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
 DOPRI_A = ((1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
            (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
@@ -768,13 +771,13 @@ DOPRI_MID = tuple(w / 2 for w in (6025192743 / 30085553152, 0, 51252292925 / 654
 
 def rk_sum(k, w, h):
     """h sum_j w_j k_j over the stage axis (last) of k, in torchdiffeq's float32 order: in the error
-    estimate the float32 terms cancel to ~1e-5 of their size, so the order of the sum shows there."""
+    estimate the terms cancel to ~1e-5 of their size, so the order of the sum shows there."""
     w = torch.tensor(w, dtype=k.dtype, device=k.device)
     return (k[..., :len(w)] * (h[..., None] * w)).sum(-1)
 
 
 def dopri5_dense(y0, y1, k, h, x):
-    """y(t0 + x h) inside one accepted step: torchdiffeq's quartic through y0, y(t0 + h/2), y1 and the end
+    """y(t0 + x h) inside one step: torchdiffeq's quartic through y0, y(t0 + h/2), y1 and the end
     slopes k[..., 0], k[..., -1]. h and x broadcast against y (float32)."""
     ymid = y0 + rk_sum(k, DOPRI_MID, h)
     f0, f1 = k[..., 0], k[..., -1]
@@ -786,19 +789,19 @@ def dopri5_dense(y0, y1, k, h, x):
 
 
 def dopri5(f, y0, atol=1e-6, rtol=1e-3, t_end=1.0):
-    """Adaptive Dormand-Prince 5(4) for dy/dt = f(idx, y, t) from t=0 to t_end, with torchdiffeq's dopri5
-    rules: error ratio = RMS of err / (atol + rtol max(|y0|, |y1|)), accepted if <= 1; first step as
-    Hairer-Norsett-Wanner II.4; next h = h clip(0.9 ratio^(-1/5), 1 if accepted else 0.2, 10). Steps are
-    not cut at t_end: the last one may overshoot it, and y(t_end) is read off the dense output.
-    torchdiffeq takes one norm and one step over the whole batch; here every sample keeps its own t, h
-    and accept/reject, so its result does not depend on the batch it is in (at batch size 1 the two are
-    the same). f gets the batch rows idx still integrating, their states and their float32 times.
-    Returns (y(t_end), NFE per sample (B,))."""
+    """Adaptive Dormand-Prince 5(4) for dy/dt = f(idx, y, t) from t=0 to t_end, by torchdiffeq's
+    dopri5 rules: error ratio = RMS of err / (atol + rtol max(|y0|, |y1|)), accept if <= 1; first
+    step as Hairer-Norsett-Wanner II.4; next h = h clip(0.9 ratio^(-1/5), 1 if accepted else 0.2,
+    10). Steps are not cut at t_end: the last one may overshoot it (f is then called at t > t_end)
+    and y(t_end) is read off the dense output. torchdiffeq takes one norm and one step over the
+    whole batch; here each sample keeps its own t, h and accept/reject, so its path does not depend
+    on its batch (at batch size 1 the two are the same). f gets the batch rows idx still stepping,
+    their states and their float32 times. Returns (y(t_end), NFE per sample (B,))."""
     B, dev = y0.shape[0], y0.device
-    col = lambda s: s.view(-1, *[1] * (y0.dim() - 1))                   # (n,) -> (n, 1, ..): broadcast
-    rms = lambda x: x.double().pow(2).flatten(1).mean(1).sqrt()          # per-sample RMS norm, (n,)
+    col = lambda s: s.view(-1, *[1] * (y0.dim() - 1))                # (n,) -> (n, 1, ..)
+    rms = lambda x: x.double().pow(2).flatten(1).mean(1).sqrt()       # per-sample RMS norm (n,)
     idx, t = torch.arange(B, device=dev), torch.zeros(B, dtype=torch.float64, device=dev)
-    # first step (torchdiffeq's _select_initial_step): h0 from |y0| / |f0|, then |f'| from an Euler step
+    # first step (torchdiffeq's _select_initial_step): h0 from |y0| / |f0|; |f'| from an Euler step
     f0 = f(idx, y0, t.float())
     scale = atol + rtol * y0.double().abs()
     d0, d1 = rms(y0 / scale), rms(f0 / scale)
@@ -806,28 +809,28 @@ def dopri5(f, y0, atol=1e-6, rtol=1e-3, t_end=1.0):
     d2 = rms((f(idx, y0 + col(h0).float() * f0, (t + h0).float()) - f0) / scale) / h0
     h1 = torch.where((d1 <= 1e-15) & (d2 <= 1e-15), (1e-3 * h0).clamp_min(1e-6),
                      (0.01 / torch.maximum(d1, d2)) ** (1 / 5))
-    h = torch.minimum(100 * h0, h1)                                      # (B,) float64, as all times
+    h = torch.minimum(100 * h0, h1)                                   # (B,) float64, as all times
     y, out, nfe = y0.clone(), torch.empty_like(y0), torch.full((B,), 2, device=dev)
-    live = torch.ones(B, dtype=torch.bool, device=dev)                   # not yet past t_end
+    live = torch.ones(B, dtype=torch.bool, device=dev)                # not yet past t_end
     while live.any():
-        i = live.nonzero().squeeze(1)                                    # only live samples step
+        i = live.nonzero().squeeze(1)                                 # only live samples step
         ti, hi, yi = t[i], h[i], y[i]
         assert (ti + hi > ti).all(), "dopri5: step size underflow (non-finite state?)"
-        hf, k = col(hi.float()), yi.new_empty((*yi.shape, 7))              # k: the 7 stage slopes
+        hf, k = col(hi.float()), yi.new_empty((*yi.shape, 7))          # k: the 7 stage slopes
         k[..., 0] = f0[i]
+        te = (ti + hi).float()
+        te = te.nextafter(te - 1)  # stages at the step's end see t 1 ulp below it, as torchdiffeq
         for s, (c, a) in enumerate(zip(DOPRI_C, DOPRI_A)):
             ys = yi + rk_sum(k, a, hf)
-            te = (ti + hi).float()
-            # stages at the step's end see t one float32 ulp below it, as torchdiffeq (Perturb.PREV)
-            k[..., s + 1] = f(i, ys, te.nextafter(te - 1) if c == 1 else ti.float() + c * hi.float())
-        y1 = ys                                                          # the last stage's input
+            k[..., s + 1] = f(i, ys, te if c == 1 else ti.float() + c * hi.float())
+        y1 = ys                                                       # the last stage's input
         err = rk_sum(k, DOPRI_E, hf)
         ratio = rms(err / (atol + rtol * torch.maximum(yi.abs(), y1.abs()).double()))
         ok, t1 = ratio <= 1, ti + hi
-        lo = torch.full_like(ratio, 0.2).masked_fill(ratio < 1, 1.0)    # never shrink after a success
+        lo = torch.full_like(ratio, 0.2).masked_fill(ratio < 1, 1.0) # never shrink on success
         h[i] = hi * (0.9 / ratio ** (1 / 5)).maximum(lo).clamp(max=10.0)
         nfe[i] += 6
-        fin = (ok & (t1 >= t_end)).nonzero().squeeze(1)                  # passed t_end: interpolate
+        fin = (ok & (t1 >= t_end)).nonzero().squeeze(1)               # past t_end: interpolate
         if len(fin):
             x = ((t_end - ti[fin]) / (t1[fin] - ti[fin])).float()
             out[i[fin]] = dopri5_dense(yi[fin], y1[fin], k[fin], hf[fin], col(x))
@@ -842,13 +845,13 @@ def sample_latents(denoiser, noise, y, steps=50, method="heun", cfg_scale=1.0, c
                    shift=0.5, t_eps=0.05, null=None, atol=1e-6, rtol=1e-3):
     """Integrate dz/dt = v(z, t) from t=0 (noise) to t=1 (clean). Returns (z1 (B, K, C), NFE).
     NFE counts denoiser calls per sample (a CFG call counts once; it evaluates 2 sequences).
-    method: euler / heun (fixed steps on the shifted grid) or dopri5 (adaptive, atol / rtol, the released
-    sampler; its NFE is the mean over the batch). The model sees the integrator's own t in both cases; for
-    dopri5 `steps` and `shift` only place the released code's output grid, whose last point is t=1, so
-    they do not change the sample and are unused here."""
+    method: euler / heun (fixed steps on the shifted grid) or dopri5 (adaptive with atol / rtol,
+    the released sampler; NFE = the mean over the batch). The model sees the integrator's own t in
+    all cases; for dopri5, `steps` and `shift` only place the released code's output grid, whose
+    last point is t=1, so they do not change the sample and are unused here."""
     null = denoiser.cfg.num_classes if null is None else null
     if method == "dopri5":
-        def f(i, z, t):                                                 # rows i of the batch, t (n,)
+        def f(i, z, t):                                               # rows i of the batch, t (n,)
             x_hat = guided_x(denoiser, z, t, y[i], cfg_scale, cfg_min_t, null).float()
             return (x_hat - z) / (1 - t).clamp_min(t_eps)[:, None, None]
         z1, nfe = dopri5(f, noise.float(), atol, rtol)

@@ -50,7 +50,8 @@ def is_released(ck):
         return False
     sd = ck.get("ema", ck.get("model"))
     prefixes = ("encoder.blocks.", "up_sample_decoder.", "decoder._orig_mod.")
-    return isinstance(sd, dict) and any(str(k).startswith(prefixes) for k in sd)
+    return isinstance(sd, dict) and any(str(k).removeprefix("module.").startswith(prefixes)
+                                        for k in sd)  # module.: a DDP-wrapped save
 
 
 def load_model(path, device, use_ema=True, preset="B"):
@@ -59,8 +60,9 @@ def load_model(path, device, use_ema=True, preset="B"):
     their sampling defaults ("args") are the paper's."""
     ck = load_checkpoint(path, "UNITE ")
     if is_released(ck):
-        from model import from_official  # wrong preset -> a DataError from there
-        model = from_official(ck if use_ema else {"model": ck["model"]}, make_config(preset))
+        from model import from_official  # a wrong preset -> a DataError from there
+        weights = ck if use_ema else {"model": ck["model"]}  # it takes "ema", else "model"
+        model = from_official(weights, make_config(preset), preset)
         ck = {**ck, "args": dict(RELEASED_SAMPLING), "released": f"UNITE-{preset}"}
     else:
         missing = [k for k in ("config", "ema", "model") if not isinstance(ck, dict) or k not in ck]
@@ -198,12 +200,12 @@ def evaluate_reconstruction(model, args, rank, world, card):
         psnrs.append(fid.psnr_8bit(rec, real)[:, None])
         if ref is None:
             real_feats.append(net(real).float())
-    feats = fid.gather_features(torch.cat(rec_feats)).cpu().double().numpy()
-    psnr = fid.gather_features(torch.cat(psnrs)).mean().item()
-    if ref is None:
-        ref = fid.feature_stats(fid.gather_features(torch.cat(real_feats)).cpu().double().numpy())
+    gathered = [fid.gather_features(torch.cat(f)).cpu().double().numpy() if f else None
+                for f in (rec_feats, real_feats, psnrs)]  # every rank takes part in the gathers
     if rank != 0:
         return
+    feats, real_f, psnr = gathered[0], gathered[1], float(gathered[2].mean())
+    ref = fid.feature_stats(real_f) if ref is None else ref
     value = fid.frechet_distance(*fid.feature_stats(feats), *ref)
     name = f"r{'FID' if args.metric == 'fid' else 'FD-shapes'}-{n}"
     against = args.fid_ref or f"the same {n} real images"
@@ -215,7 +217,8 @@ def evaluate_reconstruction(model, args, rank, world, card):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="sample a UNITE checkpoint; FID, CFG search, rFID")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="a train.py checkpoint, or the authors' UNITE-B.pt / UNITE-L.pt")
     p.add_argument("--model", default="B", choices=["B", "L"], help="preset of an authors' file")
     # sampling; defaults: the checkpoint's settings (authors' files: the paper's dopri5, CFG 3.4)
@@ -299,12 +302,15 @@ def run(args, rank, world):
         if args.cfg_scales or args.cfg_search is not None:
             raise DataError("an unconditional model has no CFG scale to search")
         kw["cfg_scale"] = 1.0  # unconditional model: nothing to guide
-    scale = "searched" if args.cfg_scales or args.cfg_search is not None else kw["cfg_scale"]
     card = (f"{ck.get('released', '')} {'raw' if args.raw else 'EMA'} weights, step "
-            f"{ck.get('step', '?')}, {kw['method']}-{kw['steps']}, cfg {scale} for "
-            f"t>{kw['cfg_min_t']} (all channels), seed {args.seed}").lstrip()
+            f"{ck.get('step', '?')}").lstrip()
     if args.recon_data:
         return evaluate_reconstruction(model, args, rank, world, card)
+    scale = "searched" if args.cfg_scales or args.cfg_search is not None else kw["cfg_scale"]
+    card += (f", {kw['method']}-{kw['steps']}, cfg {scale} for t>{kw['cfg_min_t']} (all channels), "
+             f"seed {args.seed}")
+    if "current_best_cfg_scale" in ck:  # the released training's search result (checkpoint.py:64)
+        card += f"; the file's search kept cfg {ck['current_best_cfg_scale']}"
     if args.evaluate:
         return evaluate_generation(model, K, kw, args, rank, world, card)
     if args.out_dir:
