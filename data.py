@@ -90,9 +90,18 @@ def write_atomic(path, text):
     os.replace(path + ".tmp", path)
 
 
+def to_uint8(x):
+    """Floats in [0, 1] -> uint8 exactly as the released code converts them before Inception and
+    PNGs: x 255, clamp, TRUNCATE (utils/fid.py:80 `(images * 255).clamp(0, 255).to(torch.uint8)` for
+    FID; engines/eval.py:485/529 `(x * 255).clip(0, 255).astype(np.uint8)` for rFID, PSNR and its
+    PNGs). Floor, not round: on average 0.5/255 darker than rounding. Exact on 8-bit inputs: in
+    float32, (k / 255) * 255 truncates to k for every k."""
+    return (x.detach().float() * 255).clamp(0, 255).to(torch.uint8)
+
+
 def save_png(x, path):
-    """x (3, H, W) float in [0, 1] -> PNG, written under a temp name then renamed."""
-    arr = (x.detach().permute(1, 2, 0).cpu().float().numpy() * 255).round().clip(0, 255).astype(np.uint8)
+    """x (3, H, W) float in [0, 1] -> 8-bit PNG (to_uint8), written under a temp name then renamed."""
+    arr = to_uint8(x).permute(1, 2, 0).cpu().numpy()
     Image.fromarray(arr).save(path + ".tmp.png")
     os.replace(path + ".tmp.png", path)
 
@@ -117,11 +126,9 @@ BACKGROUNDS = np.array([[25, 25, 30], [90, 90, 100], [30, 40, 90], [95, 60, 40]]
 # 0.18..0.42: its smallest shapes (a 6-px flower) were below what 8-px patches resolve in a 10-minute CPU run
 # (measured: 37% vs 27% of the samples classified as their class at 850 steps).
 # Version 3: a tilt of -10..10 degrees (version 2 rotated 0..90, every orientation of a square) and a flower of
-# five round petals (version 2: a thin five-armed star). In a 10-minute run the rotation was the limit: the
-# rotation-invariant circles and rings came out right, while squares, triangles, crosses and stars came out as
-# blobs averaged over their orientations. At the same 3000 steps (seed 0, one thread) shape_acc went 0.77 (v2)
-# -> 0.94 (tilt -20..20, star) -> 0.89 (-20..20, round petals: the flowers, 72-degree periodic, were the blobs now)
-# -> 0.95 (-10..10, round petals). README, session 12. Caches of derived models (fid.py's FD-shapes network) carry
+# five round petals (version 2: a thin star). A 10-minute model averages over orientations it cannot yet tell
+# apart, so on version 2 squares, triangles, crosses and stars came out as blobs: at 3000 steps shape_acc 0.77
+# (v2) -> 0.95 (v3), docs/experiments.md. Caches of derived models (fid.py's FD-shapes network) carry
 # SHAPES_VERSION in their file name.
 RADIUS = (0.26, 0.06)
 TILT = np.radians(20)  # the rotation range: -10..10 degrees, in ATTRIBUTES["rotation"] bins
@@ -384,7 +391,8 @@ def load_checkpoint(path, what="", keys=()):
     if not os.path.isfile(path):
         raise DataError(f"{what}checkpoint not found: {path}")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: an authors' UNITE-L file with optimizer states (~10 GB) is read only where used
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise DataError(f"{path} is not a {what}checkpoint ({type(e).__name__})") from None
     missing = [k for k in keys if not isinstance(ck, dict) or k not in ck]

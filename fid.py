@@ -25,8 +25,9 @@ inception_score.py; torch-fidelity's "logits_unbiased" is the same, but it shuff
 FD-shapes: the Inception weights may be unavailable offline, so for the built-in "shapes" data we train (once,
 deterministically, ~50 s on one core, cached) a small CNN on the attribute labels and compare its 256-d
 penultimate features. It is NOT FID and is not comparable with any published number. Scale, against the 10k
-test-split stats: real train images give 10.0 at N=2000 and 3.6 at N=10000 (what a perfect generator gets at
-that N); colour channels rotated 83, 2x-blurred images 769, one image repeated 4568, uniform noise 22590.
+test-split stats (shapes v3): real train images give 31.9 at N=500, 8.3 at N=2000 and 3.0 at N=10000 (what a
+perfect generator gets at that N; 20 disjoint sets of 500 span 22-34); colour channels rotated 79, 2x box-blurred
+images 301, one image repeated 2874, uniform noise 10986 (N=2000; docs/experiments.md).
 """
 import argparse
 import json
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from data import DataError, error_line
+from data import DataError, error_line, to_uint8  # noqa: F401 (fid.to_uint8 is public)
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -325,15 +326,6 @@ def gather_features(features):
 
 # -----------------------------------------------------------------------------
 # 8-bit images and the evaluation loops shared by train.py and sample.py
-
-def to_uint8(x):
-    """Floats in [0, 1] -> uint8 exactly as the released code converts them before Inception and
-    PNGs: x 255, clamp, TRUNCATE (utils/fid.py:80 `(images * 255).clamp(0, 255).to(torch.uint8)` for
-    FID; engines/eval.py:485/529 `(x * 255).clip(0, 255).astype(np.uint8)` for rFID, PSNR and its
-    PNGs). Floor, not round: on average 0.5/255 darker than rounding. Exact on 8-bit inputs: in
-    float32, (k / 255) * 255 truncates to k for every k."""
-    return (x.detach().float() * 255).clamp(0, 255).to(torch.uint8)
-
 
 def quantize_8bit(x):
     """x as an 8-bit image (a PNG) stores it, as floats in [0, 1]: what FID and PSNR measure."""

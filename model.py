@@ -168,7 +168,7 @@ class UniteConfig:
     recon_t_max: float = 0.01       # tokenizer pass uses t ~ U[0, 0.01): the max-noise end (code's config)
     recon_weight: float = 1.0       # L = w * L_recon + L_flow; the code has w = 1 with L_recon = L1 + LPIPS. The tiny
                                     # preset has no LPIPS and its flow loss is ~10x its L1, so Muon's updates of the
-                                    # shared GE favour denoising: it sets w = 30 (README: w = 10 / 30 / 100 measured)
+                                    # shared GE favour denoising: it sets w = 30 (w = 10 / 30 / 100: docs/experiments.md)
     noise_aug_prob: float = 0.5     # decoder-input noise augmentation on half the batch ...
     noise_aug_min: float = 0.7      # ... with s ~ U[0.7, 1] (Tab. 7c)
     flow_copies: int = 14           # K noised copies per image (A1 Tab. 8; the code's config has 3)
@@ -594,8 +594,9 @@ class UNITE(nn.Module):
         return cfg.recon_weight * rec + flow, {"recon": rec.detach(), "flow": flow.detach()}
 
     @torch.no_grad()
-    def reconstruct(self, images):
-        return self.decoder(self.encoder.tokenize(images)).clamp(0, 1)
+    def reconstruct(self, images, noise=None, t=None):
+        """EMA-style inference: tokenize (fresh register noise and t unless given), decode, clamp."""
+        return self.decoder(self.encoder.tokenize(images, noise, t)).clamp(0, 1)
 
 
 # The released checkpoints (ShivamDuggal4/UNITE-tokenization-generation, models/unite.py): our
@@ -1215,8 +1216,8 @@ VAE_PRESETS = {  # the paper's two tokenizers at 256 px (REPA-E registry) and a 
 PRESETS = {
     # tiny: a CPU preset for 32 px. The GE is narrow (64) because at an equal CPU budget the shape accuracy of the
     # samples follows the compute spent, not the width, and a narrow GE takes more steps in the same time; the
-    # decoder stays at 128 (decoder 64 vs 128, one run each at about the same CPU time: FD-shapes 182 vs 161).
-    # README, session 11.
+    # decoder stays at 128 (decoder 64 vs 128, one run each at about the same CPU time: FD-shapes 182 vs 161;
+    # docs/experiments.md).
     "tiny": dict(image_size=32, patch_size=8, latent_dim=16, enc_depth=6, enc_width=64, enc_heads=2,
                  dec_depth=4, dec_width=128, dec_heads=2, dec_in_width=128, in_context_len=4, in_context_start=2, flow_copies=2,
                  recon_weight=30.0),

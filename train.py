@@ -27,7 +27,6 @@ import sys
 import time
 from dataclasses import asdict
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -37,29 +36,15 @@ from data import (DataError, autocast, batch_indices, error_line, get_dataset, l
 from model import (PRESETS, UNITE, TwoStage, VAEConfig, count_params, generate, get_lr, l1_loss, load_lpips,
                    lpips_loss, make_config, make_optimizers, step_noise, update_ema)
 
-# run defaults: the paper's (A1 Tab. 8 + released config) for the big presets, a CPU budget for tiny.
-# tiny, measured on the built-in shapes data (README, Results; shape_acc = samples classified as their class):
-#  - the preset's narrow GE (width 64; decoder 128, model.py) and up to 3000 steps of batch 32, stopped by a wall-clock
-#    budget of 440 s (below) on slower CPUs: on shapes v2 a 2-core CPU without bf16 units ran 1765 steps (128 img/s,
-#    shape_acc 0.74; the width-128 GE of sessions 1-10 reached 785 steps and 0.58 there). At equal compute the shape
-#    accuracy follows the compute spent, whatever the width (session 10), and the narrow GE spends less per step.
-#    The data sets the rest: on shapes v3 (tilt -10..10 degrees, data.py) the same 3000 steps give 0.95, v2 0.77.
-#    Batch 64 learns less per image than batch 32 (0.73 vs 0.77 at ~100k images, width 64).
-#  - time_budget 440 s of wall clock, when no --max-steps / --epochs is given, so the whole run, evaluation
-#    included, ends within 10 minutes on any 2-core CPU; the flat lr makes any stop a clean one. An asked-for
-#    length (e.g. --max-steps 4500) runs in full.
-#  - a flat lr after warmup (3e-3, better than 2e-3 on 3 seeds at 750 steps); the EMA does the averaging. A cosine
-#    cool-down over the last 500 steps gave the same shape_acc (0.745 vs 0.74).
-#  - CFG 3, the FD-best scale (the paper picks CFG by FID), 0.01 below CFG 4 in shape_acc: at 1500 steps, seeds 0 / 1,
-#    CFG 3 gave FD-shapes-600 217 / 260 and shape_acc 0.74 / 0.72, CFG 4 263 / 316 and 0.75 / 0.73 (seed 0: CFG 2
-#    229 / 0.70, 2.5 213 / 0.71). Strong guidance hurts here because the unconditional model is weak: its samples
-#    are shapeless blobs (the shape CNN reads ~half of them as squares), so u + w (c - u) pushes each class away
-#    from a blob, and squares turn round. More guidance helps the thin classes (flowers) and hurts squares.
-#  - K = 1 flow copy: K = 2 at equal wall time (1600 steps) gave 0.74 / 0.73 on two seeds, the same as K = 1.
-#  - recon weight 30 (the preset) and the paper's time shift 0.5. At 2000 steps (default: 0.73-0.74, FD-shapes
-#    ~190): recon weight 10 gave 0.77 on two seeds but a worse FD (210, 235) and 0.6 dB less PSNR; time shift 1
-#    0.76 / FD 175 on one seed (0.60 vs 0.71 at 1000 steps); latent width 8 0.72; decoder-input noise on every
-#    sample 0.74. None is a clear win over the seed spread, so the defaults stay.
+# Run defaults, one table per preset. Paper presets: A1 Tab. 8 + the released code, as it runs.
+# tiny: a CPU budget (docs/experiments.md has every measurement behind these choices):
+#  - up to 3000 steps of batch 32, or 440 s of wall clock when no --max-steps / --epochs is given, so the
+#    whole run ends within 10 minutes on a 2-core CPU; the flat lr after warmup makes any stop a clean one,
+#    and the EMA does the averaging. Batch 32 learned more per image than 64 at equal compute.
+#  - CFG 3: the FD-best scale. Stronger guidance pushes each class away from a weak unconditional model's
+#    blobs and rounds the squares.
+#  - K = 1 flow copy, recon weight 30 (model.py's preset): K = 2 at equal time, and recon weights 10 / 100,
+#    were within the seed spread.
 # The paper presets' schedule is the one the released code RUNS, not its config's numbers: configs/imagenet.yaml
 # says warmup 20 epochs, hold to 30, cosine to 0.5x by 50, but main_train.py converts epochs to steps with
 # len(loader) (micro-batches per rank) while engines/train.py steps the scheduler once per optimizer step
@@ -194,29 +179,20 @@ def sample_grid(ema, num_classes, args, path, per_class=8):
 
 @torch.no_grad()
 def psnr(ema, ds, device, n=256, seed=0):
-    """Mean PSNR of EMA reconstructions of n images drawn at random (seeded) from the whole set: the
-    first n of a class-sorted folder would be one class."""
+    """Mean PSNR of 8-bit EMA reconstructions (the released protocol, fid.psnr_8bit) of n images drawn
+    at random (seeded) from the whole set: the first n of a class-sorted folder would be one class."""
+    import fid
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist()
     x = torch.stack([ds[i][0] for i in idx]).to(device)
     rec = torch.cat([ema.reconstruct(x[i:i + 64]) for i in range(0, len(x), 64)])
-    mse = ((rec - x) ** 2).flatten(1).mean(1).clamp_min(1e-10)
-    return (10 * torch.log10(1 / mse)).mean().item()
+    return fid.psnr_8bit(rec, x).mean().item()
 
 
-def shard_indices(n, rank, world):
-    """Evaluation sample i is generated on rank i % world; gathered features come rank by rank."""
-    return list(range(rank, n, world))
-
-
-def generated_features(ema, feature_fn, n, num_classes, args, rank, world, batch=100):
-    """Generate n images sharded over ranks (shard_indices); every rank gets all the features."""
+def sample_features(ema, feature_fn, n, num_classes, args, rank, world):
+    """Features of n 8-bit EMA samples, generated sharded over ranks; every rank gets all of them."""
     import fid
-    if n < world:
-        raise DataError(f"{n} evaluation samples for {world} processes: ask for at least one per process")
-    idx = shard_indices(n, rank, world)
-    feats = [feature_fn(generate(ema, idx[i:i + batch], num_classes, seed=args.seed + 1, **sample_kwargs(args))[0])
-             for i in range(0, len(idx), batch)]
-    return fid.gather_features(torch.cat(feats).float()).cpu().double().numpy()
+    make = lambda idx: generate(ema, idx, num_classes, seed=args.seed + 1, **sample_kwargs(args))[0]
+    return fid.generated_features(make, feature_fn, n, 100, rank, world)
 
 
 def fd_shapes_of_samples(ema, n, num_classes, args, rank, world):
@@ -225,31 +201,21 @@ def fd_shapes_of_samples(ema, n, num_classes, args, rank, world):
     shape the same CNN's shape head classifies as the class they were generated for: a direct measure of
     'recognisable samples' (the CNN's accuracy on real test images is its ceiling)."""
     import fid
-    net = fid.load_shapes_net() if rank == 0 else None  # rank 0 trains and caches it on first use ...
-    if world > 1:
-        dist.barrier()                                    # ... the other ranks then load the cached file
-    net = (net or fid.load_shapes_net()).to(next(ema.parameters()).device)
-    feats = generated_features(ema, net, n, num_classes, args, rank, world)
+    net = fid.rank0_first(fid.load_shapes_net).to(next(ema.parameters()).device)  # trained once, cached
+    feats = sample_features(ema, net, n, num_classes, args, rank, world)
     mu, sigma = fid.feature_stats(feats)
-    labels = [i % num_classes for r in range(world) for i in shard_indices(n, r, world)]  # in gather order
+    labels = [i % num_classes for r in range(world) for i in fid.shard(n, r, world)]  # in gather order
     pred = net.heads["shape"](torch.from_numpy(feats).float().to(next(net.parameters()).device)).argmax(1).cpu()
     acc = (pred == torch.tensor(labels)).float().mean().item()
     return fid.frechet_distance(mu, sigma, net.ref_mu, net.ref_sigma), acc  # FD vs the 10k-image test split
 
 
 def fid_of_samples(ema, n, num_classes, args, rank, world):
-    """FID-n of EMA samples against --fid-ref (pytorch-fid protocol, fid.py)."""
+    """FID-n of 8-bit EMA samples against --fid-ref (pytorch-fid protocol, fid.py)."""
     import fid
-    net = fid.InceptionV3(args.inception) if rank == 0 else None  # rank 0 downloads the weights once ...
-    if world > 1:
-        dist.barrier()                                            # ... before the other ranks read the cache
-    net = (net or fid.InceptionV3(args.inception)).to(next(ema.parameters()).device).eval()
-    feats = generated_features(ema, net, n, num_classes, args, rank, world)
-    ref = np.load(args.fid_ref)
-    if not {"mu", "sigma"} <= set(ref.files):
-        raise DataError(f"--fid-ref {args.fid_ref} has no mu/sigma arrays (make it with fid.py --save-stats)")
-    mu, sigma = fid.feature_stats(feats)
-    return fid.frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
+    net = fid.load_inception(args.inception, next(ema.parameters()).device)
+    mu, sigma = fid.feature_stats(sample_features(ema, net, n, num_classes, args, rank, world))
+    return fid.frechet_distance(mu, sigma, *fid.load_stats(args.fid_ref))
 
 
 # -----------------------------------------------------------------------------

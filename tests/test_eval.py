@@ -112,8 +112,6 @@ def test_quantize_equals_a_png_round_trip(tmp_path):
     assert torch.equal(fid.quantize_8bit(back), back)  # idempotent: 8-bit images stay as they are
 
 
-@pytest.mark.xfail(strict=True, reason="data.save_png rounds, the released code truncates: data.py "
-                                       "should write fid.to_uint8(x) (then drop this marker)")
 def test_save_png_writes_what_fid_measures(tmp_path):
     x = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(2))
     data.save_png(x, str(tmp_path / "x.png"))

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small models: threads only add overhead (and others share this machine)
+    torch.set_num_threads(1)  # small models: threads only add overhead (and parallel jobs share the cores)
     yield
     torch.set_num_threads(n)
 
