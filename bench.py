@@ -37,8 +37,9 @@ import numpy as np
 import torch
 
 import fid
-from data import autocast, pick_precision, write_atomic
-from model import UNITE, draw_noise, generate, make_config, make_optimizers, update_ema
+from data import pick_precision, write_atomic
+from model import UNITE, draw_noise, generate, make_config
+from optim import make_optimizers, train_step
 
 
 # -----------------------------------------------------------------------------
@@ -101,20 +102,13 @@ def train_step_speed(preset, batch, flow_copies, precision, device, steps):
     cfg = make_config(preset, num_classes=10, flow_copies=flow_copies)
     model = UNITE(cfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opts = make_optimizers(model, argparse.Namespace(optimizer="muon", lr=1e-4),
-                           ns_dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    opts = make_optimizers(model, 1e-4, ns_dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     x = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
 
-    def step():
-        with autocast(device, precision):
-            loss, _ = model(x, y, draw_noise(cfg, batch, device))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
-        for o in opts:
-            o.step()
-            o.zero_grad(set_to_none=True)
-        update_ema(ema, model, 0.99, 100)
+    def step():  # train.py's optimizer step (noise drawn for the batch at once: the same work)
+        train_step(model, opts, ema, [(x, y, draw_noise(cfg, batch, device))], lr=1e-4, step=100,
+                   grad_clip=3.0, ema_decay=0.99, precision=precision)
 
     dt = timed(step, device, 1, steps)
     return {"img_per_s": batch / dt, "gflops": train_flops(cfg, batch) / dt / 1e9, "step_ms": dt * 1e3,

@@ -897,100 +897,6 @@ def generate(model, indices, num_classes, seed=0, labels=None, decoder=None, **s
 
 
 # -----------------------------------------------------------------------------
-# optimization: lr schedule, optimizers (Muon + AdamW as the released code), EMA
-
-def get_lr(step, args, steps_per_epoch, total_steps):
-    """Released config: linear warmup -> hold -> cosine down to min_lr_frac * lr by decay_end -> constant."""
-    warm = args.warmup_epochs * steps_per_epoch
-    hold = max(warm, args.hold_epochs * steps_per_epoch)
-    end = total_steps if args.decay_epochs is None else args.decay_epochs * steps_per_epoch
-    if step < warm:
-        return args.lr * (step + 1) / warm
-    if step < hold or end <= hold:
-        return args.lr
-    frac = min(1.0, (step - hold) / (end - hold))
-    return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-def newton_schulz(G, coefficients, steps, eps, dtype):
-    """Batched quintic Newton-Schulz orthogonalisation of G (N, A, B), the same iteration as torch.optim.Muon's
-    (which runs it one matrix at a time, always in bf16)."""
-    a, b, c = coefficients
-    X = G.to(dtype)
-    tall = G.shape[-2] > G.shape[-1]
-    if tall:
-        X = X.mT
-    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp_min(eps)                # spectral norm <= 1
-    for _ in range(steps):
-        A = X @ X.mT                                                          # (N, a, a), a = min(A, B)
-        X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)
-    return X.mT if tall else X
-
-
-class Muon(torch.optim.Muon):
-    """torch.optim.Muon (same arguments, state and update) with two speed-ups: the Newton-Schulz iteration is
-    batched over matrices of the same shape, and runs in `ns_dtype`. torch's runs it per matrix in bf16, which
-    on CPUs without bf16 units (AVX512-BF16 / AMX) is ~3.5x slower than fp32: there it took ~45% of the tiny
-    preset's training step. ns_dtype=None: bf16 on CUDA (as torch and the released code), fp32 elsewhere;
-    train.py passes bf16 exactly when the run is bf16."""
-
-    def __init__(self, params, ns_dtype=None, **kwargs):
-        super().__init__(params, **kwargs)
-        self.ns_dtype = ns_dtype
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for g in self.param_groups:
-            by_shape = {}
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                buf.lerp_(p.grad, 1 - g["momentum"])
-                u = p.grad.lerp(buf, g["momentum"]) if g["nesterov"] else buf
-                by_shape.setdefault(tuple(p.shape), []).append((p, u))
-            for (A, B), items in by_shape.items():
-                U = torch.stack([u for _, u in items])                            # (N, A, B)
-                dtype = self.ns_dtype or (torch.bfloat16 if U.is_cuda else torch.float32)
-                U = newton_schulz(U, g["ns_coefficients"], g["ns_steps"], g["eps"], dtype)
-                match = g["adjust_lr_fn"] == "match_rms_adamw"                     # else torch's "original"
-                ratio = 0.2 * math.sqrt(max(A, B)) if match else math.sqrt(max(1, A / B))
-                for (p, _), u in zip(items, U):
-                    p.mul_(1 - g["lr"] * g["weight_decay"])
-                    p.add_(u, alpha=-g["lr"] * ratio)
-        return loss
-
-
-def make_optimizers(model, args, ns_dtype=None):
-    """Muon for the 2-D weight matrices (as the code: not the patch embed, final layer, in-context or register
-    position embeddings), AdamW (betas 0.9/0.999, eps 1e-6, wd 0) for everything else."""
-    excluded = ("patch_embed", "final_", "in_context_pos", "latent_pos")
-    muon, rest = [], []
-    for name, p in model.named_parameters():
-        use_muon = args.optimizer == "muon" and p.ndim == 2 and not any(k in name for k in excluded)
-        (muon if use_muon else rest).append(p)
-    opts = [torch.optim.AdamW(rest, lr=args.lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0)]
-    if muon:
-        opts.append(Muon(muon, lr=args.lr, momentum=0.95, weight_decay=0.0, adjust_lr_fn="match_rms_adamw",
-                         ns_dtype=ns_dtype))
-    return opts
-
-
-@torch.no_grad()
-def update_ema(ema, model, decay, step, warmup=False):
-    """ema <- decay ema + (1 - decay) model, once per optimizer step, parameters only (released
-    utils/ema.py: fixed decay, no warm-up). warmup=True caps the decay at (1 + step) / (10 + step), so a
-    short run's EMA is not dominated by the random init (the tiny preset)."""
-    d = min(decay, (1 + step) / (10 + step)) if warmup else decay
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach().float(), 1 - d)
-
-
-# -----------------------------------------------------------------------------
 # AutoencoderKL (Send-VAE's tokenizer): the LDM convolutional VAE (REPA-E models/autoencoder.py, same module
 # names as the LDM code), trained by sendvae.py; and TwoStage, the SiT-style baseline train.py --tokenizer builds:
 # the GE in denoise-only mode on the frozen VAE's normalised latents. Images are in [0, 1] as everywhere in this
@@ -1198,7 +1104,7 @@ class TwoStage(nn.Module):
         return flow, {"recon": torch.zeros_like(flow.detach()), "flow": flow.detach()}
 
     @torch.no_grad()
-    def reconstruct(self, images):                                                    # the VAE's, not the GE's
+    def reconstruct(self, images, noise=None, t=None):  # the VAE's (posterior mean): no noise to take
         return self.decoder(self.decoder.tokens(images)).clamp(0, 1)
 
 

@@ -52,10 +52,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (DataError, autocast, batch_indices, cache_dir, error_line, pick_precision, print0,
+from data import (DataError, batch_indices, cache_dir, error_line, pick_precision, print0,
                   save_checkpoint, setup_distributed, write_atomic)
-from model import (UNITE, UniteConfig, ViTBlock, count_params, draw_noise, get_lr, make_optimizers,
-                   sample_latents, sample_noise, update_ema)
+from model import UNITE, UniteConfig, ViTBlock, count_params, sample_latents, sample_noise, step_noise
+from optim import lr_at, make_optimizers, train_step
 
 from rdkit import Chem, rdBase  # noqa: E402  (after torch: import order matters for some builds)
 
@@ -488,9 +488,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # same init on every rank
     raw = build_model(cfg, meta).to(device)
     ema = copy.deepcopy(raw).float().eval().requires_grad_(False)
-    args.hold_epochs, args.decay_epochs = 0, None  # for model.get_lr: warmup, then cosine to min_lr_frac by the end
-    opts = make_optimizers(raw, args)
-    gen = torch.Generator(device).manual_seed(args.seed)  # the step noise: identical on every rank
+    opts = make_optimizers(raw, args.lr, args.optimizer == "muon")
     torch.manual_seed(args.seed + rank + 1)
     model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else raw
     p0(f"UNITE molecules: GE {count_params(raw.encoder) / 1e6:.2f}M, decoder {count_params(raw.decoder) / 1e6:.2f}M "
@@ -499,31 +497,22 @@ def main(argv=None):
     p0("args: " + json.dumps(vars(args)))
 
     order = batch_indices(len(x_train), args.batch_size, args.seed, 0, 1, world, rank)
-    step, total, stats = 0, args.max_steps, torch.zeros(3)
+    step, total, stats, bad = 0, args.max_steps, torch.zeros(3), 0
     t_start = t0 = time.time()
     clock = time.time if args.budget_clock == "wall" else time.process_time
     c_start, p_start = clock(), time.process_time()
     while step < total:
         # ------------------------------------------------ one optimization step: two passes, shared GE
-        lr = get_lr(step, args, steps_per_epoch, total)
-        for o in opts:
-            for g in o.param_groups:
-                g["lr"] = lr
-        noise = draw_noise(cfg, args.batch_size, device, gen)  # per global batch: same run on any world size
-        noise = {k: v[rank * micro:(rank + 1) * micro] for k, v in noise.items()}
+        # warmup, then cosine to min_lr_frac by the end (which the time budget may move)
+        lr = lr_at(step, args.lr, args.warmup_epochs * steps_per_epoch, 0, total, args.min_lr_frac)
+        noise = step_noise(cfg, args.seed, step, range(rank * micro, (rank + 1) * micro), device)
         x = x_train[next(order)].to(device)                                          # (b, P, F) ints
         y = torch.zeros(micro, dtype=torch.long, device=device)                      # unconditional: class 0
-        with autocast(device, precision):
-            loss, st = model(x, y, noise)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
-        if torch.isfinite(norm):
-            for o in opts:
-                o.step()
-            update_ema(ema, raw, args.ema, step, warmup=True)
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        stats += torch.stack([loss.detach(), st["recon"], st["flow"]]).cpu()
+        norm, st, bad = train_step(model, opts, ema, [(x, y, noise)], lr=lr, step=step, grad_clip=args.grad_clip,
+                                   ema_decay=args.ema, ema_warmup=True, precision=precision, bad=bad)
+        stats += st.cpu()
+        if bad:
+            p0(f"step {step}: non-finite loss/gradient, step skipped")
         step += 1
         elapsed = clock() - c_start
         if args.time_budget > 0 and step >= 20:  # steps that fit the budget at the measured speed (cosine end)

@@ -172,6 +172,16 @@ def evaluate_generation(model, K, kw, args, rank, world, card):
     print0(rank, json.dumps(result))
 
 
+def tokenizer_noise(cfg, indices, seed, device):
+    """The tokenizer pass's register noise (B, T, C) and t (B,) for images `indices`, each from its own
+    generator keyed by (seed, index): the released code draws both at random (models/unite.py:186-99);
+    keyed, rFID and PSNR are the same at any batch size and number of GPUs."""
+    gens = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in indices]
+    noise = torch.stack([torch.randn(cfg.num_tokens, cfg.latent_dim, generator=g) for g in gens])
+    t = torch.stack([torch.rand((), generator=g) for g in gens]) * cfg.recon_t_max
+    return noise.to(device), t.to(device)
+
+
 @torch.inference_mode()
 def evaluate_reconstruction(model, args, rank, world, card):
     """rFID and PSNR of reconstructions of a held-out split, as the released evaluate_rfid
@@ -190,12 +200,11 @@ def evaluate_reconstruction(model, args, rank, world, card):
     mine = torch.utils.data.Subset(ds, fid.shard(n, rank, world))
     loader = torch.utils.data.DataLoader(mine, args.batch_size, num_workers=workers)
     rec_feats, real_feats, psnrs = [], [], []
+    idx = fid.shard(n, rank, world)
     for b, (x, _) in enumerate(loader):
         x = x.to(args.device)
-        # the tokenizer pass draws register noise and t at random (released models/unite.py:186-99),
-        # seeded per batch, so the figures repeat at a fixed --batch-size and number of processes
-        torch.manual_seed((args.seed * 1_000_003 + b) * 1_000_003 + rank)
-        rec, real = fid.quantize_8bit(model.reconstruct(x)), fid.quantize_8bit(x)
+        noise, t = tokenizer_noise(model.cfg, idx[b * args.batch_size:][:len(x)], args.seed, x.device)
+        rec, real = fid.quantize_8bit(model.reconstruct(x, noise, t)), fid.quantize_8bit(x)
         rec_feats.append(net(rec).float())
         psnrs.append(fid.psnr_8bit(rec, real)[:, None])
         if ref is None:

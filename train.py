@@ -33,8 +33,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import (DataError, autocast, batch_indices, error_line, get_dataset, load_checkpoint, pick_precision, print0,
                   save_checkpoint, save_grid, setup_distributed)
-from model import (PRESETS, UNITE, TwoStage, VAEConfig, count_params, generate, get_lr, l1_loss, load_lpips,
-                   lpips_loss, make_config, make_optimizers, step_noise, update_ema)
+from model import (PRESETS, UNITE, TwoStage, VAEConfig, count_params, generate, l1_loss, load_lpips, lpips_loss,
+                   make_config, step_noise)
+from optim import lr_at, make_optimizers, train_step
 
 # Run defaults, one table per preset. Paper presets: A1 Tab. 8 + the released code, as it runs.
 # tiny: a CPU budget (docs/experiments.md has every measurement behind these choices):
@@ -80,7 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--lpips-weight", type=float, default=1.0)
     p.add_argument("--tokenizer", default="", help="two-stage baseline: a sendvae.py checkpoint; the GE trains "
                    "denoise-only (a SiT) on its frozen VAE's latents")
-    p.add_argument("--latent-stats-images", type=int, default=2000, help="images for the --tokenizer latent mean/std")
+    p.add_argument("--latent-stats-images", type=int, default=2000, help="images (drawn at random) for the --tokenizer latent mean/std")
     # optimisation
     p.add_argument("--batch-size", type=int, default=None, help="global batch = micro x accum x world")
     p.add_argument("--micro-batch", type=int, default=None, help="per-process micro-batch (0: batch / processes)")
@@ -278,7 +279,7 @@ def memory_plan(args, fake=True):
         M.CPU_BF16_MATH_ATTENTION = True
     n = lambda ps: sum(p.numel() for p in ps)
     with FakeTensorMode():
-        opts = make_optimizers(UNITE(cfg), args)
+        opts = make_optimizers(UNITE(cfg), args.lr, args.optimizer == "muon")
     adam = n(opts[0].param_groups[0]["params"])
     muon = n(opts[1].param_groups[0]["params"]) if len(opts) > 1 else 0
     params = adam + muon
@@ -351,18 +352,25 @@ def main(argv=None):
     if args.fid_ref and not os.path.isfile(args.fid_ref):
         raise DataError(f"--fid-ref {args.fid_ref}: file not found (make one with: python fid.py DATA --save-stats)")
     total = args.max_steps or int(args.epochs * steps_per_epoch)
+    # lr schedule in optimizer steps: warmup, hold, end of the cosine (default: the end of the run)
+    schedule = (args.warmup_epochs * steps_per_epoch, args.hold_epochs * steps_per_epoch,
+                total if args.decay_epochs is None else args.decay_epochs * steps_per_epoch, args.min_lr_frac)
 
     torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts it)
     if tok:
         raw = TwoStage(cfg, tok[0]).to(device)
         raw.decoder.vae.load_state_dict(tok[1])
-        n = min(args.latent_stats_images, len(ds))  # per-channel latent mean/std: once, then stored in the ckpt
-        raw.decoder.fit_latent_stats(torch.stack([ds[i][0] for i in range(j, min(n, j + 100))]).to(device)
+        # per-channel latent mean/std, once, stored in the checkpoint: from a seeded random sample of the
+        # whole training set (the first n of a class-sorted folder would be one or two classes)
+        n = min(args.latent_stats_images, len(ds))
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(args.seed))[:n].tolist()
+        raw.decoder.fit_latent_stats(torch.stack([ds[i][0] for i in idx[j:j + 100]]).to(device)
                                      for j in range(0, n, 100))
     else:
         raw = UNITE(cfg, recon_loss=recon_loss_fn(args, load_lpips(device) if args.lpips else None)).to(device)
     ema = copy.deepcopy(raw).float().eval().requires_grad_(False)
-    opts = make_optimizers(raw, args, ns_dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    opts = make_optimizers(raw, args.lr, args.optimizer == "muon",
+                           ns_dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     step = 0
     resume = os.path.join(args.out_dir, "ckpt.pt") if args.resume == "auto" else args.resume
     if resume and os.path.exists(resume):
@@ -425,10 +433,8 @@ def main(argv=None):
         return bool(over)
     while step < total and not stop and not out_of_time():
         # ------------------------------------------------ one optimization step
-        lr = get_lr(step, args, steps_per_epoch, total)
-        for o in opts:
-            for g in o.param_groups:
-                g["lr"] = lr
+        lr = lr_at(step, args.lr, *schedule)
+        batches = []
         for m in range(accum):
             x, y = next(loader)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -438,25 +444,13 @@ def main(argv=None):
             noise = step_noise(cfg, args.seed, step, range(lo, lo + args.micro_batch), device)
             if ds.hflip:
                 x = torch.where(noise["flip"][:, None, None, None], x.flip(-1), x)
-            sync = m == accum - 1 or world == 1  # all-reduce gradients only on the last micro-step
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, precision):
-                loss, st = model(x, y, noise)
-            (loss / accum).backward()
-            stats += torch.stack([loss.detach(), st["recon"], st["flow"]]) / accum
-        norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
-        if torch.isfinite(norm):  # a sync point; identical on every rank (gradients are all-reduced)
-            for o in opts:
-                o.step()
-            update_ema(ema, raw, args.ema, step, args.ema_warmup)
-            bad = 0
-        else:
-            bad += 1
+            batches.append((x, y, noise))
+        norm, st, bad = train_step(model, opts, ema, batches, lr=lr, step=step, grad_clip=args.grad_clip,
+                                   ema_decay=args.ema, ema_warmup=args.ema_warmup, precision=precision,
+                                   bad=bad)
+        stats += st
+        if bad:
             p0(f"step {step}: non-finite loss/gradient, step skipped")
-            if bad >= 5:
-                raise DataError("5 non-finite steps in a row: lower --lr, use --precision fp32, or check the data "
-                                "(NaN/Inf pixels)")
-        for o in opts:
-            o.zero_grad(set_to_none=True)
         step += 1
         seen += args.batch_size
         bar.update(1)

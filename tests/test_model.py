@@ -209,9 +209,9 @@ def test_attend_equals_softmax_attention_in_both_precisions():
 
 
 def test_batched_muon_equals_torch_muon():
-    """model.Muon batches Newton-Schulz over same-shape matrices: in bf16 it must give torch.optim.Muon's weights
+    """optim.Muon batches Newton-Schulz over same-shape matrices: in bf16 it must give torch.optim.Muon's weights
     bit for bit; in fp32 (the CPU default without bf16 units) it must stay within bf16 rounding of them."""
-    from model import Muon
+    from optim import Muon
     torch.manual_seed(0)
     shapes = [(64, 32), (64, 32), (32, 96), (48, 48)]
     ref = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
