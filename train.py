@@ -55,21 +55,36 @@ from optim import lr_at, make_optimizers, train_step
 PAPER_RUN = dict(data=None, batch_size=1024, micro_batch=64, lr=None, epochs=240, max_steps=None, ema=0.9978,
                  ema_warmup=False, warmup_epochs=40, hold_epochs=60, decay_epochs=100, min_lr_frac=0.5,
                  flow_copies=14, lpips=True, sampler="dopri5", sample_steps=50, cfg_scale=3.4,
-                 precision="auto", time_budget=0)
+                 precision="auto", time_budget=0, eval_every=-1)
 TINY_RUN = dict(data="shapes", batch_size=32, micro_batch=0, lr=3e-3, epochs=None, max_steps=3000, ema=0.99,
                 ema_warmup=True, warmup_epochs=0.1, hold_epochs=0, decay_epochs=None, min_lr_frac=1.0,
                 flow_copies=1, lpips=False, sampler="heun", sample_steps=25, cfg_scale=3.0,
-                precision="auto", time_budget=440)
+                precision="auto", time_budget=440, eval_every=1000)
 LARGE_MICRO_BATCH = {"L": 16, "XL": 16}
 
 
+class DefaultsHelp(argparse.RawTextHelpFormatter):
+    """--help shows every default: a flag set per preset shows both tables (TINY_RUN, PAPER_RUN)."""
+
+    def _get_help_string(self, action):
+        h, k = action.help, action.dest
+        if k in PAPER_RUN and k != "lr":
+            paper = f"S/B/L/XL {PAPER_RUN[k]}"
+            if k == "micro_batch":
+                paper = f"S/B {PAPER_RUN[k]}, L/XL {LARGE_MICRO_BATCH['L']}"
+            return h + f" (default: tiny {TINY_RUN[k]}; {paper})"
+        if action.default not in (None, False, "", argparse.SUPPRESS):
+            return h + " (default: %(default)s)"
+        return h
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=DefaultsHelp)
     # model and data
     p.add_argument("--model", default="tiny", help="preset: tiny (CPU, 32px), S, B, L, XL (256px)")
     p.add_argument("--data", default=None, help="shapes | cifar10 | path to an ImageFolder or flat image folder")
-    p.add_argument("--out-dir", default="out")
-    p.add_argument("--flow-copies", type=int, default=None, help="K noised copies per image (paper 14)")
+    p.add_argument("--out-dir", default="out", help="checkpoint, log, sample grid")
+    p.add_argument("--flow-copies", type=int, default=None, help="K noised copies per image")
     p.add_argument("--separate", action="store_true", help="separate tokenizer/denoiser weights (Tab. 7a)")
     p.add_argument("--no-stopgrad", action="store_true", help="flow loss also reaches the tokenizer (Tab. 7a)")
     p.add_argument("--flow-chunk", type=int, default=3, help="flow copies per denoiser forward (released: 3)")
@@ -78,38 +93,41 @@ def parse_args(argv=None):
                    "auto = flow when K > 4, as the released code")
     p.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=None,
                    help="L_recon = L1 + --lpips-weight x VGG-LPIPS (paper presets: on; tiny: off, L1 x 30)")
-    p.add_argument("--lpips-weight", type=float, default=1.0)
+    p.add_argument("--lpips-weight", type=float, default=1.0, help="weight of LPIPS in L_recon")
     p.add_argument("--tokenizer", default="", help="two-stage baseline: a sendvae.py checkpoint; the GE trains "
                    "denoise-only (a SiT) on its frozen VAE's latents")
     p.add_argument("--latent-stats-images", type=int, default=2000, help="images (drawn at random) for the --tokenizer latent mean/std")
     # optimisation
     p.add_argument("--batch-size", type=int, default=None, help="global batch = micro x accum x world")
     p.add_argument("--micro-batch", type=int, default=None, help="per-process micro-batch (0: batch / processes)")
-    p.add_argument("--lr", type=float, default=None, help="default 1e-4 * batch / 384 (paper presets)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak lr (default: tiny 3e-3; S/B/L/XL 1e-4 x batch / 384, as released)")
     p.add_argument("--optimizer", default="muon", choices=["muon", "adamw"],
                    help="muon: torch.optim.Muon on 2-D weights + AdamW on the rest (released code)")
-    p.add_argument("--epochs", type=float, default=None)
+    p.add_argument("--epochs", type=float, default=None, help="length in epochs")
     p.add_argument("--max-steps", type=int, default=None, help="overrides --epochs")
     p.add_argument("--time-budget", type=float, default=None, help="also stop after this many seconds of the loop "
                    "(0 = off; tiny: 440 s of wall clock unless --max-steps or --epochs is given, a safety net so the default "
                    "run ends in 10 minutes on a slower CPU)")
     p.add_argument("--budget-clock", default="wall", choices=["wall", "cpu"],
                    help="cpu: count this process's CPU seconds (fair equal-budget comparisons on a shared machine)")
-    p.add_argument("--warmup-epochs", type=float, default=None)
+    p.add_argument("--warmup-epochs", type=float, default=None, help="linear lr warmup")
     p.add_argument("--hold-epochs", type=float, default=None, help="constant lr after warmup until here")
-    p.add_argument("--decay-epochs", type=float, default=None, help="cosine to min-lr-frac by here (default: end)")
-    p.add_argument("--min-lr-frac", type=float, default=None)
-    p.add_argument("--grad-clip", type=float, default=3.0)
-    p.add_argument("--ema", type=float, default=None, help="EMA decay per optimizer step (paper 0.9978)")
+    p.add_argument("--decay-epochs", type=float, default=None,
+                   help="cosine to min-lr-frac by here (None: the end of the run)")
+    p.add_argument("--min-lr-frac", type=float, default=None, help="lr at the end of the cosine / peak")
+    p.add_argument("--grad-clip", type=float, default=3.0, help="gradient-norm clip")
+    p.add_argument("--ema", type=float, default=None, help="EMA decay per optimizer step")
     p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
                    help="cap the EMA decay at (1+step)/(10+step) (tiny: on; released code: off)")
-    p.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32"])
+    p.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32"],
+                   help="auto: bf16 on CUDA and on CPUs with bf16 units, else fp32")
     # run
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="init, data order, noise, samples")
     p.add_argument("--resume", default="", help="'' (fresh) | auto (out-dir/ckpt.pt if present) | PATH")
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: 0 in-memory, 8 folder)")
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--log-every", type=int, default=50, help="log line every N steps")
     p.add_argument("--sample-every", type=int, default=500, help="sample grid PNG every N steps (-1 = off)")
     p.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps (-1 = only at the end)")
     p.add_argument("--plan", action="store_true", help="print the per-GPU memory plan of this run and exit "
@@ -120,15 +138,17 @@ def parse_args(argv=None):
     p.add_argument("--sampler", default=None, choices=["dopri5", "heun", "euler"],
                    help="dopri5: adaptive, the paper's numbers (paper presets); heun: fixed steps (tiny)")
     p.add_argument("--sample-steps", type=int, default=None, help="heun/euler steps")
-    p.add_argument("--cfg-scale", type=float, default=None)
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--cfg-min-t", type=float, default=0.1, help="guidance only for t > this (t=1 clean)")
     # evaluation
     p.add_argument("--eval-samples", type=int, default=500, help="generated images for the end-of-run figure")
     p.add_argument("--val-data", default=None, help="held-out images for the end-of-run PSNR (default: the "
                    "test split of shapes/cifar10;\nnone for a folder unless given, e.g. /imagenet/val)")
+    p.add_argument("--eval-every", type=int, default=None, help="every N steps on shapes: FD-shapes-200 and "
+                   "shape_acc of the EMA, logged,\nand the best EMA kept as ckpt_best.pt (-1 = off)")
     p.add_argument("--fid-ref", default="", help="reference stats .npz for FID during training (fid.py)")
     p.add_argument("--fid-every", type=int, default=-1, help="FID every N steps against --fid-ref (-1 = off)")
-    p.add_argument("--fid-samples", type=int, default=10000)
+    p.add_argument("--fid-samples", type=int, default=10000, help="samples per FID")
     p.add_argument("--inception", default=None, help="FID Inception weight file (default: cache dir / download)")
     args = p.parse_args(argv)
     if args.model not in PRESETS:
@@ -371,7 +391,7 @@ def main(argv=None):
     ema = copy.deepcopy(raw).float().eval().requires_grad_(False)
     opts = make_optimizers(raw, args.lr, args.optimizer == "muon",
                            ns_dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
-    step = 0
+    step, evals = 0, []  # evals: the periodic EMA evaluations (--eval-every), kept across --resume
     resume = os.path.join(args.out_dir, "ckpt.pt") if args.resume == "auto" else args.resume
     if resume and os.path.exists(resume):
         ck = load_checkpoint(resume, "train.py ", keys=("config", "model", "ema", "optimizer", "step"))
@@ -381,7 +401,7 @@ def main(argv=None):
         ema.load_state_dict(ck["ema"])
         for o, s in zip(opts, ck["optimizer"]):
             o.load_state_dict(s)
-        step = ck["step"]
+        step, evals = ck["step"], ck.get("evals", [])
         p0(f"resumed from {resume} at step {step}")
     elif args.resume not in ("", "auto"):
         raise DataError(f"--resume {args.resume}: file not found")
@@ -407,11 +427,11 @@ def main(argv=None):
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))  # pre-emption: save, then exit cleanly
 
-    def checkpoint():
+    def checkpoint(name="ckpt.pt"):
         if rank == 0:
-            save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), {
+            save_checkpoint(os.path.join(args.out_dir, name), {
                 "model": raw.state_dict(), "ema": ema.state_dict(), "optimizer": [o.state_dict() for o in opts],
-                "step": step, "config": asdict(cfg), "args": vars(args),
+                "step": step, "config": asdict(cfg), "args": vars(args), "evals": evals,
                 "class_names": list(ds.class_names), "data": args.data,
                 **({"vae_config": asdict(tok[0]), "tokenizer": args.tokenizer} if tok else {})})
         if world > 1:
@@ -473,6 +493,14 @@ def main(argv=None):
             sample_grid(ema, cfg.num_classes, args, os.path.join(args.out_dir, "samples.png"))
         if args.ckpt_every > 0 and step % args.ckpt_every == 0:
             checkpoint()
+        if args.eval_every > 0 and step % args.eval_every == 0 and args.data == "shapes":
+            # a cheap look at the EMA samples while training: a collapse shows here, and the best EMA so far
+            # (lowest FD-shapes) is kept as ckpt_best.pt beside the last one
+            fd, acc = fd_shapes_of_samples(ema, 200, cfg.num_classes, args, rank, world)
+            evals.append({"step": step, "fd_shapes_200": round(fd, 2), "shape_acc": round(acc, 3)})
+            p0(f"step {step} | eval EMA: FD-shapes-200 {fd:.1f} | shape_acc {acc:.3f}")
+            if fd < min((e["fd_shapes_200"] for e in evals[:-1]), default=float("inf")):
+                checkpoint("ckpt_best.pt")
         if args.fid_every > 0 and step % args.fid_every == 0 and args.fid_ref:
             f = fid_of_samples(ema, args.fid_samples, cfg.num_classes, args, rank, world)
             p0(f"step {step} | FID-{args.fid_samples} {f:.3f} (EMA, {args.sampler}-{args.sample_steps}, "
@@ -501,6 +529,8 @@ def main(argv=None):
         res[f"fd_shapes_{args.eval_samples}"], res["shape_acc"] = round(fd, 3), round(acc, 3)
     if args.fid_ref:
         res[f"fid_{args.fid_samples}"] = round(fid_of_samples(ema, args.fid_samples, cfg.num_classes, args, rank, world), 3)
+    if evals:
+        res["evals"] = evals
     res["total_s"] = round(time.time() - t_start, 1)
     p0(f"wrote {args.out_dir}/ckpt.pt and {args.out_dir}/samples.png")
     p0(json.dumps(res))

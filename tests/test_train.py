@@ -306,3 +306,20 @@ def test_plan_paper_presets_fit_80gb(capsys):
         plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert plan["peak_gb_per_gpu"] <= 80 and plan["gpus"] == 8 and plan["flow_copies"] == 14
         assert plan["checkpoint_flow"] and plan["lpips"] and plan["accum_steps"] * plan["micro_batch"] * 8 == 1024
+
+
+def test_periodic_eval_logs_and_keeps_the_best_ema(tmp_path, monkeypatch, capsys):
+    """--eval-every: each evaluation is logged and goes into the JSON; ckpt_best.pt holds the EMA of the
+    lowest FD-shapes so far, beside the last checkpoint."""
+    scores = iter([(50.0, 0.5), (80.0, 0.4), (20.0, 0.9)])  # FD-shapes-200, shape_acc at steps 2, 4, 6
+    monkeypatch.setattr(train, "fd_shapes_of_samples", lambda *a: next(scores))
+    out = str(tmp_path / "e")
+    train.main(FAST + ["--out-dir", out, "--max-steps", "4", "--eval-every", "2"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [e["step"] for e in res["evals"]] == [2, 4] and res["evals"][1]["shape_acc"] == 0.4
+    best = torch.load(os.path.join(out, "ckpt_best.pt"), map_location="cpu", weights_only=True)
+    assert best["step"] == 2 and weights(os.path.join(out, "ckpt.pt"), "step") == 4
+    train.main(FAST + ["--out-dir", out, "--max-steps", "6", "--eval-every", "2", "--resume", "auto"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [e["step"] for e in res["evals"]] == [2, 4, 6]  # kept across --resume
+    assert torch.load(os.path.join(out, "ckpt_best.pt"), weights_only=True)["step"] == 6
