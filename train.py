@@ -376,6 +376,7 @@ def main(argv=None):
     schedule = (args.warmup_epochs * steps_per_epoch, args.hold_epochs * steps_per_epoch,
                 total if args.decay_epochs is None else args.decay_epochs * steps_per_epoch, args.min_lr_frac)
 
+    lpips = load_lpips(device) if args.lpips and not tok else None  # before the seed: same init either way
     torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts it)
     if tok:
         raw = TwoStage(cfg, tok[0]).to(device)
@@ -387,7 +388,7 @@ def main(argv=None):
         raw.decoder.fit_latent_stats(torch.stack([ds[i][0] for i in idx[j:j + 100]]).to(device)
                                      for j in range(0, n, 100))
     else:
-        raw = UNITE(cfg, recon_loss=recon_loss_fn(args, load_lpips(device) if args.lpips else None)).to(device)
+        raw = UNITE(cfg, recon_loss=recon_loss_fn(args, lpips)).to(device)
     ema = copy.deepcopy(raw).float().eval().requires_grad_(False)
     opts = make_optimizers(raw, args.lr, args.optimizer == "muon",
                            ns_dtype=torch.bfloat16 if precision == "bf16" else torch.float32)

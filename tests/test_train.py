@@ -1,5 +1,5 @@
-"""train.py / sample.py tests: checkpoint round trip, exact resume, DDP == one process, gradient accumulation,
-user errors. Run: python -m pytest tests/test_train.py -q"""
+"""train.py / sample.py tests: checkpoint round trip, exact resume, DDP == one process, gradient
+accumulation, user errors. Run: python -m pytest tests/test_train.py -q"""
 import json
 import os
 import signal
@@ -14,7 +14,8 @@ import torch
 import train
 from conftest import ROOT
 
-# a few steps of the micro preset on the built-in data; the lr schedule does not depend on --max-steps
+# a few steps of the micro preset on the built-in data; the lr schedule does not depend on
+# --max-steps
 FAST = ["--model", "micro", "--batch-size", "8", "--micro-batch", "8", "--eval-samples", "0", "--sample-every", "-1",
         "--log-every", "2", "--warmup-epochs", "0.001", "--decay-epochs", "1", "--lr", "3e-3", "--precision", "fp32"]
 
@@ -33,33 +34,38 @@ def test_checkpoint_round_trip_and_exact_resume(tmp_path):
     train.main(FAST + ["--out-dir", a, "--max-steps", "4"])
     train.main(FAST + ["--out-dir", b, "--max-steps", "2"])
     train.main(FAST + ["--out-dir", b, "--max-steps", "4", "--resume", "auto"])
-    ca = torch.load(os.path.join(a, "ckpt.pt"), map_location="cpu", weights_only=True)  # plain data only
+    # plain data only
+    ca = torch.load(os.path.join(a, "ckpt.pt"), map_location="cpu", weights_only=True)
     assert {"model", "ema", "optimizer", "step", "config", "args"} <= set(ca)
     assert ca["step"] == 4 and ca["config"]["enc_width"] == 64
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ca["model"])
     cb = weights(os.path.join(b, "ckpt.pt"))
     for k in ca["model"]:
-        assert torch.equal(ca["model"][k], cb[k]), k  # k steps + resume + n steps == k + n steps, bit for bit
+        # k steps + resume + n steps == k + n steps, bit for bit
+        assert torch.equal(ca["model"][k], cb[k]), k
     for k, v in weights(os.path.join(b, "ckpt.pt"), "ema").items():
         assert torch.equal(ca["ema"][k], v), k
 
 
 def logged(out):
-    """Per-step (loss, recon, flow, grad-norm) from log.txt: the grad norm is taken before clipping and after the
-    DDP all-reduce, so a wrong averaging (sum instead of mean, double division) shows up here."""
+    """Per-step (loss, recon, flow, grad-norm) from log.txt: the grad norm is taken before clipping
+    and after the DDP all-reduce, so a wrong averaging (sum instead of mean, double division) shows
+    up here."""
     rows = [l.split(" | ") for l in open(os.path.join(out, "log.txt")) if l.startswith("step ")]
     return [[float(f.split()[-1]) for f in r[1:5]] for r in rows]
 
 
 def same_run(a, b):
     la, lb = logged(a), logged(b)
-    # micro-batches and ranks change the order of the float sums, so a printed figure may differ in its last digit
-    # (seen on an AVX512 CPU: grad norm 54.054 vs 54.055); a wrong averaging is off by a factor, far outside this
+    # micro-batches and ranks change the order of the float sums, so a printed figure may differ in
+    # its last digit (seen on an AVX512 CPU: grad norm 54.054 vs 54.055); a wrong averaging is off
+    # by a factor, far outside this
     assert len(la) >= 2 and np.allclose(la, lb, rtol=1e-4, atol=1e-4), (la, lb)
     wa, wb = weights(os.path.join(a, "ckpt.pt")), weights(os.path.join(b, "ckpt.pt"))
-    # Adam and Muon normalise their updates: float-rounding differences in near-zero gradients (adaLN-Zero
-    # weights, t-embedding at step 1) become updates of up to lr = 3e-3. The strict check is the logged loss and
-    # grad norm above; weights are compared below one step's update (a rank that did not learn fails this)
+    # Adam and Muon normalise their updates: float-rounding differences in near-zero gradients
+    # (adaLN-Zero weights, t-embedding at step 1) become updates of up to lr = 3e-3. The strict
+    # check is the logged loss and grad norm above; weights are compared below one step's update (a
+    # rank that did not learn fails this)
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=2e-3), k
 
@@ -92,11 +98,13 @@ def test_sample_py_grid_and_png_dir(tmp_path):
     from PIL import Image
     im = Image.open(os.path.join(out, "ckpt_samples.png"))
     assert im.size == (2 * 32, 6 * 32)  # 6 classes (shapes) as rows, 2 columns
-    assert "NFE 6" in r.stdout and '"cfg_scale": 2.5' in r.stdout  # settings read from the checkpoint
+    # settings read from the checkpoint
+    assert "NFE 6" in r.stdout and '"cfg_scale": 2.5' in r.stdout
     r = run("sample.py", ck, "--steps", "2", "--num-samples", "5", "--out-dir", str(tmp_path / "pngs"))
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(tmp_path / "pngs")) == [f"{i:06d}.png" for i in range(5)]
-    # sample i depends neither on the batch size nor on the number of processes (torchrun shards the indices)
+    # sample i depends neither on the batch size nor on the number of processes (torchrun shards the
+    # indices)
     r = run("sample.py", ck, "--steps", "2", "--num-samples", "5", "--batch-size", "2", "--out-dir", str(tmp_path / "pngs2"))
     assert r.returncode == 0, r.stderr
     r = run("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518", "sample.py", ck,
@@ -129,7 +137,8 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
     one_line_error(run("sample.py", str(tmp_path / "missing.pt")), "checkpoint not found")
     (tmp_path / "junk.pt").write_bytes(b"junk")
     one_line_error(run("sample.py", str(tmp_path / "junk.pt")), "not a UNITE checkpoint")
-    torch.save({"vae_config": {}, "vae": {}}, tmp_path / "vae.pt")  # another script's checkpoint, each way round
+    # another script's checkpoint, each way round
+    torch.save({"vae_config": {}, "vae": {}}, tmp_path / "vae.pt")
     one_line_error(run("sample.py", str(tmp_path / "vae.pt")), "not a UNITE checkpoint (it has no 'config')")
     torch.save({"config": {}, "ema": {}, "model": {}}, tmp_path / "unite.pt")
     one_line_error(run("train.py", *FAST, "--tokenizer", str(tmp_path / "unite.pt"), "--out-dir", str(tmp_path / "o")),
@@ -141,7 +150,8 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
 
 
 def test_folder_dataset_and_sigterm_saves(tmp_path):
-    """ImageFolder with 2 classes trains (classes inferred), and SIGTERM saves a checkpoint and exits 0."""
+    """ImageFolder with 2 classes trains (classes inferred), and SIGTERM saves a checkpoint and
+    exits 0."""
     from PIL import Image
     for c, col in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
         (tmp_path / "d" / c).mkdir(parents=True)
@@ -166,7 +176,8 @@ def test_folder_dataset_and_sigterm_saves(tmp_path):
 def test_cifar10_offline_and_corrupt_download(tmp_path, monkeypatch):
     import data
     monkeypatch.setenv("MINUNITE_CACHE", str(tmp_path))
-    monkeypatch.setattr(data, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")  # nothing listens there
+    # nothing listens there
+    monkeypatch.setattr(data, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
     with pytest.raises(data.DataError, match="put the file at .*cifar-10-python.tar.gz"):
         data.get_dataset("cifar10")
     (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"truncated")
@@ -192,7 +203,8 @@ def test_fid_during_training_with_a_test_made_inception_file(tmp_path):
     import fid
     torch.manual_seed(0)
     w = tmp_path / "inception_random.pth"
-    torch.save(fid.InceptionV3(pretrained=False).state_dict(), w)  # random weights: only the plumbing is tested
+    # random weights: only the plumbing is tested
+    torch.save(fid.InceptionV3(pretrained=False).state_dict(), w)
     rng = np.random.default_rng(0)
     feats = rng.normal(size=(64, 2048))
     np.savez(tmp_path / "ref.npz", mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
@@ -206,8 +218,8 @@ def test_fid_during_training_with_a_test_made_inception_file(tmp_path):
 
 
 def test_tiny_time_budget_only_guards_the_default_length():
-    """The tiny preset's 440 s guard applies to the default run only: an explicit --max-steps / --epochs runs in
-    full unless --time-budget is also given."""
+    """The tiny preset's 440 s guard applies to the default run only: an explicit --max-steps /
+    --epochs runs in full unless --time-budget is also given."""
     assert train.parse_args([]).time_budget == train.TINY_RUN["time_budget"] > 0
     assert train.parse_args(["--max-steps", "4500"]).time_budget == 0
     assert train.parse_args(["--epochs", "3"]).time_budget == 0
@@ -216,8 +228,8 @@ def test_tiny_time_budget_only_guards_the_default_length():
 
 @pytest.mark.parametrize("clock", ["wall", "cpu"])
 def test_time_budget_stops_the_loop(tmp_path, capsys, clock):
-    """--time-budget (seconds of the loop, wall or CPU clock) ends a run long before --max-steps, which still ends
-    cleanly and says so."""
+    """--time-budget (seconds of the loop, wall or CPU clock) ends a run long before --max-steps,
+    which still ends cleanly and says so."""
     train.main(FAST + ["--out-dir", str(tmp_path), "--max-steps", "100000", "--time-budget", "1", "--budget-clock", clock])
     out = capsys.readouterr().out.strip().splitlines()
     res = json.loads(out[-1])
@@ -227,7 +239,8 @@ def test_time_budget_stops_the_loop(tmp_path, capsys, clock):
 
 
 def test_shape_acc_matches_generated_labels(monkeypatch):
-    """shape_acc compares the classifier's shape with the class each sample was generated for (i % classes):
+    """shape_acc compares the classifier's shape with the class each sample was generated for (i %
+    classes):
     a generator that draws the right class scores 1, one that is off by one class scores 0."""
     import fid
 
@@ -253,9 +266,10 @@ def test_shape_acc_matches_generated_labels(monkeypatch):
 
 
 def test_shapes_tilt_range_and_bins(monkeypatch):
-    """Shapes v3 tilts by -10..10 degrees in 4 rotation bins. A square tilted by theta fills 1 / (cos + sin)^2 of its
-    bounding box: >= 0.745 for |theta| <= 10 (0.5 at 45 degrees, which version 2's 0..90 drew), and the outer bins
-    (5-10 degrees either way) fill less than the inner ones. White shapes on black make the mask exact."""
+    """Shapes v3 tilts by -10..10 degrees in 4 rotation bins. A square tilted by theta fills 1 /
+    (cos + sin)^2 of its bounding box: >= 0.745 for |theta| <= 10 (0.5 at 45 degrees, which version
+    2's 0..90 drew), and the outer bins (5-10 degrees either way) fill less than the inner ones.
+    White shapes on black make the mask exact."""
     import data
     monkeypatch.setattr(data, "COLORS", np.full((8, 3), 250, np.float32))
     monkeypatch.setattr(data, "BACKGROUNDS", np.zeros((4, 3), np.float32))
@@ -277,8 +291,9 @@ def plan_args(*extra):
 
 
 def test_plan_fake_count_equals_the_real_saved_tensors():
-    """--plan counts with fake tensors (shapes only); the same step run for real saves exactly as many bytes,
-    with LPIPS, chunked flow copies and the checkpointed denoising pass (K = 6 > 4: auto)."""
+    """--plan counts with fake tensors (shapes only); the same step run for real saves exactly as
+    many bytes, with LPIPS, chunked flow copies and the checkpointed denoising pass (K = 6 > 4:
+    auto)."""
     args = plan_args("--model", "micro", "--micro-batch", "3", "--batch-size", "6", "--plan-gpus", "2",
                      "--flow-copies", "6", "--lpips")
     fake, real = train.memory_plan(args, fake=True), train.memory_plan(args, fake=False)
@@ -288,8 +303,9 @@ def test_plan_fake_count_equals_the_real_saved_tensors():
 
 
 def test_plan_activations_scale_and_checkpointing_cuts_them():
-    """Saved activations grow linearly with the micro-batch; checkpointing the denoising pass keeps only each
-    block's input, far less than the blocks' saved tensors; chunking alone changes nothing."""
+    """Saved activations grow linearly with the micro-batch; checkpointing the denoising pass keeps
+    only each block's input, far less than the blocks' saved tensors; chunking alone changes
+    nothing."""
     base = ["--model", "micro", "--batch-size", "8", "--plan-gpus", "1", "--flow-copies", "6"]
     act = lambda *a: train.memory_plan(plan_args(*base, *a))["activation_bytes"]
     one, two = act("--micro-batch", "1"), act("--micro-batch", "2")
@@ -300,7 +316,8 @@ def test_plan_activations_scale_and_checkpointing_cuts_them():
 
 
 def test_plan_paper_presets_fit_80gb(capsys):
-    """The default B and L runs on 8 GPUs fit an 80 GB card (a lower bound), and the last line is JSON."""
+    """The default B and L runs on 8 GPUs fit an 80 GB card (a lower bound), and the last line is
+    JSON."""
     for m in ("B", "L"):
         train.main(["--model", m, "--plan"])
         plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -309,9 +326,10 @@ def test_plan_paper_presets_fit_80gb(capsys):
 
 
 def test_periodic_eval_logs_and_keeps_the_best_ema(tmp_path, monkeypatch, capsys):
-    """--eval-every: each evaluation is logged and goes into the JSON; ckpt_best.pt holds the EMA of the
-    lowest FD-shapes so far, beside the last checkpoint."""
-    scores = iter([(50.0, 0.5), (80.0, 0.4), (20.0, 0.9)])  # FD-shapes-200, shape_acc at steps 2, 4, 6
+    """--eval-every: each evaluation is logged and goes into the JSON; ckpt_best.pt holds the EMA of
+    the lowest FD-shapes so far, beside the last checkpoint."""
+    # FD-shapes-200, shape_acc at steps 2, 4, 6
+    scores = iter([(50.0, 0.5), (80.0, 0.4), (20.0, 0.9)])
     monkeypatch.setattr(train, "fd_shapes_of_samples", lambda *a: next(scores))
     out = str(tmp_path / "e")
     train.main(FAST + ["--out-dir", out, "--max-steps", "4", "--eval-every", "2"])
@@ -323,3 +341,30 @@ def test_periodic_eval_logs_and_keeps_the_best_ema(tmp_path, monkeypatch, capsys
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [e["step"] for e in res["evals"]] == [2, 4, 6]  # kept across --resume
     assert torch.load(os.path.join(out, "ckpt_best.pt"), weights_only=True)["step"] == 6
+
+
+def test_lpips_term_in_training(tmp_path, monkeypatch):
+    """--lpips adds the LPIPS term to L_recon (here with random VGG weights); without the weight
+    files the run stops with one line saying where to put them."""
+    import urllib.request
+
+    import model
+    calls = []
+
+    def fake_lpips(device):
+        calls.append(device)
+        net = model.LPIPS()  # random weights; heads >= 0 as trained ones, so the term is > 0
+        for h in net.heads:
+            h.weight.data.abs_()
+        return net.to(device)
+    monkeypatch.setattr(train, "load_lpips", fake_lpips)
+    with_lp, without = str(tmp_path / "lp"), str(tmp_path / "l1")
+    train.main(FAST + ["--out-dir", with_lp, "--max-steps", "1", "--lpips", "--log-every", "1"])
+    train.main(FAST + ["--out-dir", without, "--max-steps", "1", "--log-every", "1"])
+    recon = lambda out: logged(out)[0][1]
+    assert calls and recon(with_lp) > recon(without) > 0  # same init and batch: L1 + LPIPS > L1
+    monkeypatch.undo()
+    monkeypatch.setenv("MINUNITE_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(urllib.request, "urlretrieve", lambda *a: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(train.DataError, match="LPIPS weights: .*put the file at"):
+        train.main(FAST + ["--out-dir", str(tmp_path / "x"), "--max-steps", "1", "--lpips"])
