@@ -1,12 +1,15 @@
 """
-Datasets, downloads and the run-time plumbing (processes, precision, checkpoints) shared by the scripts.
+Datasets, downloads and the run-time plumbing (processes, precision, checkpoints) shared by the
+scripts.
 
-- `shapes`: our built-in procedural dataset (offline, deterministic, 32x32 RGB). Each image is one shape
-  (the class label) drawn with random colour, size, position and tilt on a two-tone gradient
-  background; every attribute is also returned as a discrete label (the Send-VAE attribute probe uses them).
+- `shapes`: our built-in procedural dataset (offline, deterministic, 32x32 RGB). Each image is one
+  shape (the class label) drawn with random colour, size, position and tilt on a two-tone gradient
+  background; every attribute is also returned as a discrete label (the Send-VAE attribute probe
+  uses them).
 - `cifar10`: the CIFAR-10 python archive, downloaded once into the cache dir (md5-checked).
 - a folder: ImageFolder (one sub-folder per class, class-conditional) or a flat folder of images
-  (unconditional), ADM center crop (+ random horizontal flip in train.py), as DiT/ADM/UNITE's data loaders.
+  (unconditional), ADM center crop (+ random horizontal flip in train.py), as DiT/ADM/UNITE's data
+  loaders.
 
 Images are float tensors in [0, 1], shape (3, H, W), as UNITE's code trains on them (no mean/std).
 """
@@ -24,15 +27,18 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
+                    ".pgm"}
 
 
 class DataError(Exception):
-    """A problem the user can fix (bad path, corrupt file, missing download). Scripts print it as one line."""
+    """A problem the user can fix (bad path, corrupt file, missing download). Scripts print it as
+    one line."""
 
 
 def error_line(e):
-    """One clear line for a DataError, also when a DataLoader worker re-raised it with a traceback."""
+    """One clear line for a DataError, also when a DataLoader worker re-raised it with a
+    traceback."""
     lines = [l for l in str(e).strip().splitlines() if l.strip()]
     last = lines[-1] if lines else repr(e)
     return last.split("DataError: ", 1)[-1]
@@ -42,7 +48,8 @@ def error_line(e):
 # downloads: one function, a cache dir, a checksum, a clear offline error
 
 def cache_dir():
-    return os.environ.get("MINUNITE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "minunite"))
+    return os.environ.get("MINUNITE_CACHE",
+                          os.path.join(os.path.expanduser("~"), ".cache", "minunite"))
 
 
 def file_hash(path, algo="sha256"):
@@ -54,13 +61,14 @@ def file_hash(path, algo="sha256"):
 
 
 def download(url, path, algo, digest):
-    """Return `path`, downloading `url` there first if needed; the file's `algo` hash must equal `digest`.
-    Offline (or on a bad download) raise DataError saying where to put the file by hand."""
+    """Return `path`, downloading `url` there first if needed; the file's `algo` hash must equal
+    `digest`. Offline (or on a bad download) raise DataError saying where to put the file by
+    hand."""
     if os.path.exists(path):
         got = file_hash(path, algo)
         if got != digest:
-            raise DataError(f"{path} has {algo} {got[:12]}..., expected {digest[:12]}...: delete it or replace it "
-                            f"with the file from {url}")
+            raise DataError(f"{path} has {algo} {got[:12]}..., expected {digest[:12]}...: "
+                            f"delete it or replace it with the file from {url}")
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".part"
@@ -70,12 +78,13 @@ def download(url, path, algo, digest):
     except Exception as e:  # no network, DNS failure, HTTP error: all end the same way
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise DataError(f"cannot download {url} ({type(e).__name__}); offline? put the file at {path} "
-                        f"({algo} {digest})") from None
+        raise DataError(f"cannot download {url} ({type(e).__name__}); offline? put the file at "
+                        f"{path} ({algo} {digest})") from None
     got = file_hash(tmp, algo)
     if got != digest:
         os.remove(tmp)
-        raise DataError(f"download of {url} is corrupt ({algo} {got[:12]}... != {digest[:12]}...); try again")
+        raise DataError(f"download of {url} is corrupt ({algo} {got[:12]}... != {digest[:12]}...); "
+                        "try again")
     os.replace(tmp, path)  # atomic: never a half-written file under the final name
     return path
 
@@ -100,7 +109,8 @@ def to_uint8(x):
 
 
 def save_png(x, path):
-    """x (3, H, W) float in [0, 1] -> 8-bit PNG (to_uint8), written under a temp name then renamed."""
+    """x (3, H, W) float in [0, 1] -> 8-bit PNG (to_uint8), written under a temp name then
+    renamed."""
     arr = to_uint8(x).permute(1, 2, 0).cpu().numpy()
     Image.fromarray(arr).save(path + ".tmp.png")
     os.replace(path + ".tmp.png", path)
@@ -112,7 +122,8 @@ def save_grid(images, path, nrow):
     rows = -(-N // nrow)
     grid = torch.ones(rows * nrow, C, H, W)
     grid[:N] = images.detach().cpu().float()
-    save_png(grid.view(rows, nrow, C, H, W).permute(2, 0, 3, 1, 4).reshape(C, rows * H, nrow * W), path)
+    save_png(grid.view(rows, nrow, C, H, W).permute(2, 0, 3, 1, 4).reshape(C, rows * H, nrow * W),
+             path)
 
 
 # -----------------------------------------------------------------------------
@@ -120,16 +131,18 @@ def save_grid(images, path, nrow):
 
 SHAPES = ["circle", "square", "triangle", "cross", "ring", "flower"]
 COLORS = np.array([[230, 40, 40], [40, 200, 60], [50, 90, 240], [245, 215, 30],
-                   [230, 60, 220], [40, 215, 230], [250, 140, 20], [250, 250, 250]], dtype=np.float32)
+                   [230, 60, 220], [40, 215, 230], [250, 140, 20], [250, 250, 250]],
+                  dtype=np.float32)
 BACKGROUNDS = np.array([[25, 25, 30], [90, 90, 100], [30, 40, 90], [95, 60, 40]], dtype=np.float32)
-# shape radius = (RADIUS[0] + RADIUS[1] * (size bin + U[0,1))) * side = 0.26..0.44 of the side. Version 1 drew
-# 0.18..0.42: its smallest shapes (a 6-px flower) were below what 8-px patches resolve in a 10-minute CPU run
-# (measured: 37% vs 27% of the samples classified as their class at 850 steps).
-# Version 3: a tilt of -10..10 degrees (version 2 rotated 0..90, every orientation of a square) and a flower of
-# five round petals (version 2: a thin star). A 10-minute model averages over orientations it cannot yet tell
-# apart, so on version 2 squares, triangles, crosses and stars came out as blobs: at 3000 steps shape_acc 0.77
-# (v2) -> 0.95 (v3), docs/experiments.md. Caches of derived models (fid.py's FD-shapes network) carry
-# SHAPES_VERSION in their file name.
+# shape radius = (RADIUS[0] + RADIUS[1] * (size bin + U[0,1))) * side = 0.26..0.44 of the side.
+# Version 1 drew 0.18..0.42: its smallest shapes (a 6-px flower) were below what 8-px patches
+# resolve in a 10-minute CPU run (measured: 37% vs 27% of the samples classified as their class at
+# 850 steps).
+# Version 3: a tilt of -10..10 degrees (version 2 rotated 0..90, every orientation of a square) and
+# a flower of five round petals (version 2: a thin star). A 10-minute model averages over
+# orientations it cannot yet tell apart, so on version 2 squares, triangles, crosses and stars came
+# out as blobs: at 3000 steps shape_acc 0.77 (v2) -> 0.95 (v3), docs/experiments.md. Caches of
+# derived models (fid.py's FD-shapes network) carry SHAPES_VERSION in their file name.
 RADIUS = (0.26, 0.06)
 TILT = np.radians(20)  # the rotation range: -10..10 degrees, in ATTRIBUTES["rotation"] bins
 SHAPES_VERSION = 3
@@ -138,15 +151,18 @@ ATTRIBUTES = {"shape": 6, "color": 8, "background": 4, "size": 3, "x": 3, "y": 3
 
 
 def _shape_masks(kind, u, v, r):
-    """Coverage (N, P) of each image's shape in rotated, centred pixel coordinates u, v (N, P), radius r (N, 1).
-    Every shape is evaluated for every image and the right one picked: branch-free and fast in torch."""
+    """Coverage (N, P) of each image's shape in rotated, centred pixel coordinates u, v (N, P),
+    radius r (N, 1). Every shape is evaluated for every image and the right one picked: branch-free
+    and fast in torch."""
     rad = torch.sqrt(u * u + v * v)
-    tri = torch.stack([u * np.cos(a) + v * np.sin(a) for a in np.pi / 2 + np.arange(3) * 2 * np.pi / 3]).amax(0)
+    tri = torch.stack([u * np.cos(a) + v * np.sin(a)
+                       for a in np.pi / 2 + np.arange(3) * 2 * np.pi / 3]).amax(0)
     au, av = u.abs(), v.abs()
     masks = torch.stack([
         rad <= r,                                                        # circle
         torch.maximum(au, av) <= 0.8 * r,                                # square
-        tri <= 0.5 * r,                                                  # equilateral triangle, inradius r/2
+        # equilateral triangle, inradius r/2
+        tri <= 0.5 * r,
         ((au <= 0.3 * r) & (av <= r)) | ((av <= 0.3 * r) & (au <= r)),   # cross
         (rad <= r) & (rad >= 0.55 * r),                                  # ring
         rad <= r * (0.45 + 0.55 * torch.cos(2.5 * torch.atan2(v, u)).abs()),  # five round petals
@@ -155,8 +171,9 @@ def _shape_masks(kind, u, v, r):
 
 
 def make_shapes(n, seed=0, size=32, supersample=2):
-    """n images (n, size, size, 3) uint8 and a dict of int64 attribute labels (n,), deterministic in seed.
-    All randomness comes from numpy's seeded generator; rendering is float32 torch (2x2 supersampled)."""
+    """n images (n, size, size, 3) uint8 and a dict of int64 attribute labels (n,), deterministic in
+    seed. All randomness comes from numpy's seeded generator; rendering is float32 torch (2x2
+    supersampled)."""
     rng = np.random.default_rng(seed)
     a = {k: rng.integers(0, v, n) for k, v in ATTRIBUTES.items()}
     # continuous values inside each discrete bin, so the labels are exact functions of the image
@@ -164,7 +181,8 @@ def make_shapes(n, seed=0, size=32, supersample=2):
     radius = f32((RADIUS[0] + RADIUS[1] * (a["size"] + rng.random(n))) * size)
     cx = f32((0.3 + 0.4 * (a["x"] + rng.random(n)) / 3) * size)          # centre in the middle 40%
     cy = f32((0.3 + 0.4 * (a["y"] + rng.random(n)) / 3) * size)
-    theta = f32(((a["rotation"] + rng.random(n)) / ATTRIBUTES["rotation"] - 0.5) * TILT)  # -10..10 degrees
+    # -10..10 degrees
+    theta = f32(((a["rotation"] + rng.random(n)) / ATTRIBUTES["rotation"] - 0.5) * TILT)
     fg = f32(COLORS[a["color"]] * (0.85 + 0.15 * rng.random((n, 1))))
     bg0 = f32(BACKGROUNDS[a["background"]])
     bg1 = bg0 + f32(40 * rng.random((n, 3)))
@@ -180,10 +198,12 @@ def make_shapes(n, seed=0, size=32, supersample=2):
         j = slice(i, min(i + 500, n))
         dx, dy = xx - cx[j, None], yy - cy[j, None]
         c, sn = torch.cos(theta[j])[:, None], torch.sin(theta[j])[:, None]
-        mask = _shape_masks(kind[j], c * dx + sn * dy, -sn * dx + c * dy, radius[j, None])[:, None]  # (N,1,P)
-        w = torch.cos(gdir[j])[:, None] * xx + torch.sin(gdir[j])[:, None] * yy                      # (N, P)
-        w = ((w - w.amin(1, keepdim=True)) / (w.amax(1, keepdim=True) - w.amin(1, keepdim=True)))[:, None]
-        bg = bg0[j, :, None] * (1 - w) + bg1[j, :, None] * w                                          # (N,3,P)
+        mask = _shape_masks(kind[j], c * dx + sn * dy, -sn * dx + c * dy,
+                            radius[j, None])[:, None]                                  # (N,1,P)
+        w = torch.cos(gdir[j])[:, None] * xx + torch.sin(gdir[j])[:, None] * yy             # (N, P)
+        w = ((w - w.amin(1, keepdim=True))
+             / (w.amax(1, keepdim=True) - w.amin(1, keepdim=True)))[:, None]
+        bg = bg0[j, :, None] * (1 - w) + bg1[j, :, None] * w                               # (N,3,P)
         img = torch.where(mask, fg[j, :, None], bg).view(-1, 3, s, s)
         img = torch.nn.functional.avg_pool2d(img, supersample)          # box-filter antialias
         out[j] = img.round().clamp(0, 255).to(torch.uint8)
@@ -191,13 +211,16 @@ def make_shapes(n, seed=0, size=32, supersample=2):
 
 
 class ArrayDataset(torch.utils.data.Dataset):
-    """In-memory uint8 images (N, H, W, 3) with labels. Datasets never flip: `hflip` tells train.py whether a
-    random horizontal flip is a valid augmentation, and train.py draws it per global sample (see draw_noise)."""
+    """In-memory uint8 images (N, H, W, 3) with labels. Datasets never flip: `hflip` tells train.py
+    whether a random horizontal flip is a valid augmentation, and train.py draws it per global
+    sample (see draw_noise)."""
 
     def __init__(self, images, labels, num_classes, class_names, hflip=False, attrs=None):
-        self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
+        # (N, 3, H, W) uint8
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
         self.labels = torch.as_tensor(labels, dtype=torch.long)
-        self.num_classes, self.class_names, self.hflip, self.attrs = num_classes, class_names, hflip, attrs
+        self.num_classes, self.class_names, self.hflip, self.attrs = (num_classes, class_names,
+                                                                      hflip, attrs)
 
     def __len__(self):
         return len(self.images)
@@ -208,8 +231,8 @@ class ArrayDataset(torch.utils.data.Dataset):
 
 @functools.lru_cache(maxsize=4)  # read-only, so one copy per process serves every caller
 def shapes_dataset(split="train", n=None):
-    """The built-in dataset: 20k train / 10k test images, fixed seeds, no flips (a flip would break the
-    x-position attribute label, and more data is one argument away)."""
+    """The built-in dataset: 20k train / 10k test images, fixed seeds, no flips (a flip would break
+    the x-position attribute label, and more data is one argument away)."""
     n = n or (20000 if split == "train" else 10000)
     imgs, attrs = make_shapes(n, seed=0 if split == "train" else 1)
     return ArrayDataset(imgs, attrs["shape"], len(SHAPES), SHAPES, attrs=attrs)
@@ -220,11 +243,13 @@ def shapes_dataset(split="train", n=None):
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                   "truck"]
 
 
 def cifar10_dataset(split="train"):
-    path = download(CIFAR10_URL, os.path.join(cache_dir(), "cifar-10-python.tar.gz"), "md5", CIFAR10_MD5)
+    path = download(CIFAR10_URL, os.path.join(cache_dir(), "cifar-10-python.tar.gz"), "md5",
+                    CIFAR10_MD5)
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     xs, ys = [], []
     with tarfile.open(path, "r:gz") as tar:
@@ -251,8 +276,8 @@ def list_images(root):
 
 
 def center_crop_arr(img, size):
-    """ADM's center crop: halve with BOX while too big, resize with BICUBIC so the short side is `size`,
-    then crop the center (guided-diffusion image_datasets.py; used by DiT, SiT, UNITE)."""
+    """ADM's center crop: halve with BOX while too big, resize with BICUBIC so the short side is
+    `size`, then crop the center (guided-diffusion image_datasets.py; used by DiT, SiT, UNITE)."""
     while min(*img.size) >= 2 * size:
         img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
     scale = size / min(*img.size)
@@ -273,7 +298,8 @@ def load_image(path, size=None):
 
 
 class FolderDataset(torch.utils.data.Dataset):
-    """ImageFolder (root/class_x/*.png -> conditional) or flat folder (root/*.png -> unconditional)."""
+    """ImageFolder (root/class_x/*.png -> conditional) or flat folder (root/*.png ->
+    unconditional)."""
 
     hflip = True
 
@@ -292,7 +318,8 @@ class FolderDataset(torch.utils.data.Dataset):
             self.class_names, self.files = [], list_images(root)
             labels = [0] * len(self.files)
         if not self.files:
-            raise DataError(f"no image files in {root} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+            raise DataError(f"no image files in {root} "
+                            f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
         self.labels = torch.tensor(labels, dtype=torch.long)
         self.num_classes = max(1, len(self.class_names))
         self.resolution = resolution
@@ -302,11 +329,13 @@ class FolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         arr = load_image(self.files[i], self.resolution)
-        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 255.0, self.labels[i]
+        return (torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 255.0,
+                self.labels[i])
 
 
 def get_dataset(name, resolution=32, split="train"):
-    """'shapes' | 'cifar10' | a folder path. Returns a Dataset with .num_classes and .class_names."""
+    """'shapes' | 'cifar10' | a folder path. Returns a Dataset with .num_classes and
+    .class_names."""
     if name == "shapes":
         ds = shapes_dataset(split)
     elif name == "cifar10":
@@ -314,8 +343,9 @@ def get_dataset(name, resolution=32, split="train"):
     else:
         return FolderDataset(name, resolution)
     if ds.images.shape[-1] != resolution:
-        raise DataError(f"--data {name} is {ds.images.shape[-1]}x{ds.images.shape[-1]}, the model expects "
-                        f"{resolution}x{resolution}: pick a model preset of that image size")
+        raise DataError(f"--data {name} is {ds.images.shape[-1]}x{ds.images.shape[-1]}, "
+                        f"the model expects {resolution}x{resolution}: pick a model preset of that "
+                        "image size")
     return ds
 
 
@@ -326,10 +356,12 @@ def get_dataset(name, resolution=32, split="train"):
 def setup_distributed(device_arg):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python train.py` is a world of one."""
     if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        device_arg = ("cuda" if torch.cuda.is_available()
+                      else "mps" if torch.backends.mps.is_available() else "cpu")
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device_arg)
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    rank, world, local = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                          int(os.environ["LOCAL_RANK"]))
     if device_arg == "cuda":
         torch.cuda.set_device(local)
         dist.init_process_group("nccl", device_id=torch.device("cuda", local))
@@ -339,13 +371,15 @@ def setup_distributed(device_arg):
 
 
 def cpu_has_bf16():
-    """bf16 matmuls are fast only with AVX512-BF16 or AMX; without them they are ~3x slower than fp32."""
+    """bf16 matmuls are fast only with AVX512-BF16 or AMX; without them they are ~3x slower than
+    fp32."""
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def pick_precision(arg, device):
     if arg == "auto":
-        ok = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_has_bf16()
+        ok = (torch.cuda.is_bf16_supported() if device.type == "cuda"
+              else device.type == "cpu" and cpu_has_bf16())
         arg = "bf16" if ok else "fp32"
     return arg
 
@@ -365,8 +399,8 @@ def print0(*a, rank=0, log=None):
 
 def batch_indices(n, global_batch, seed, start_step, accum, world, rank):
     """Index lists for this rank, micro-step by micro-step, from start_step on. Epoch e is a fixed
-    permutation (seed + e); a global batch is split in order: micro-step m, rank r -> contiguous slice.
-    drop_last: every rank runs the same number of steps."""
+    permutation (seed + e); a global batch is split in order: micro-step m, rank r -> contiguous
+    slice. drop_last: every rank runs the same number of steps."""
     steps_per_epoch, micro = n // global_batch, global_batch // (accum * world)
     step = start_step
     while True:
@@ -386,8 +420,9 @@ def save_checkpoint(path, ckpt):
 
 
 def load_checkpoint(path, what="", keys=()):
-    """The plain-data dict of a checkpoint (weights_only loading), or one DataError line saying what is wrong with
-    `path`: missing, unreadable, or without one of `keys` (then it is another script's checkpoint)."""
+    """The plain-data dict of a checkpoint (weights_only loading), or one DataError line saying what
+    is wrong with `path`: missing, unreadable, or without one of `keys` (then it is another script's
+    checkpoint)."""
     if not os.path.isfile(path):
         raise DataError(f"{what}checkpoint not found: {path}")
     try:

@@ -1,9 +1,13 @@
 """
-FID (equal to pytorch-fid), Inception Score, and FD-shapes, an offline Frechet distance for the built-in data.
+FID (equal to pytorch-fid), Inception Score, and FD-shapes, an offline Frechet distance for the
+built-in data.
 
-    python fid.py samples/ cifar10-train                  # FID-N of a folder of images against CIFAR-10 train
-    python fid.py samples/ VIRTUAL_imagenet256_labeled.npz --is   # against ADM's reference mu/sigma, plus IS
-    python fid.py cifar10-train --save-stats cifar10_train.npz     # reference stats, pytorch-fid's npz format
+    python fid.py samples/ cifar10-train                  # FID-N of a folder of images against
+                                                          # CIFAR-10 train
+    python fid.py samples/ VIRTUAL_imagenet256_labeled.npz --is   # against ADM's reference
+                                                                  # mu/sigma, plus IS
+    python fid.py cifar10-train --save-stats cifar10_train.npz     # reference stats, pytorch-fid's
+                                                                   # npz format
     python fid.py samples/ shapes-test --metric fd-shapes          # offline, built-in data only
     python sample.py ckpt.pt --fid-ref ref.npz --cfg-scales 3,3.2   # FID of samples, in memory
 
@@ -13,21 +17,25 @@ are 8-bit already. Generated images and reconstructions go through to_uint8, in 
 truncates, as the released UNITE code does before torch-fidelity (utils/fid.py:80) and before its
 PNGs (engines/eval.py:529).
 
-Protocol (pytorch-fid's): images as floats in [0, 1] -> bilinear resize to 299x299 (align_corners=False) -> 2x-1
--> the TF 2015-12-05 Inception v3 as pytorch-fid ports it -> 2048-d pool3 features -> mu, sigma in float64 ->
-FD = |mu1-mu2|^2 + tr(s1) + tr(s2) - 2 tr((s1 s2)^1/2). No scipy.linalg.sqrtm: tr((s1 s2)^1/2) is the sum of
-square roots of the eigenvalues of the symmetric F^T s1 F, with F F^T = s2 (Cholesky; eigh if s2 is singular).
-FID is biased upward at small N: quote N (FID-10000, FID-50000) and compare only at equal N. Stats made by
-another pipeline (ADM's reference batches come from the TF graph) are close to, not identical with, ours.
-Inception Score: softmax over all 1008 logits without the fc bias, 10 splits in order (openai/improved-gan's
-inception_score.py; torch-fidelity's "logits_unbiased" is the same, but it shuffles before splitting).
+Protocol (pytorch-fid's): images as floats in [0, 1] -> bilinear resize to 299x299
+(align_corners=False) -> 2x-1 -> the TF 2015-12-05 Inception v3 as pytorch-fid ports it -> 2048-d
+pool3 features -> mu, sigma in float64 -> FD = |mu1-mu2|^2 + tr(s1) + tr(s2) - 2 tr((s1 s2)^1/2). No
+scipy.linalg.sqrtm: tr((s1 s2)^1/2) is the sum of square roots of the eigenvalues of the symmetric
+F^T s1 F, with F F^T = s2 (Cholesky; eigh if s2 is singular).
+FID is biased upward at small N: quote N (FID-10000, FID-50000) and compare only at equal N. Stats
+made by another pipeline (ADM's reference batches come from the TF graph) are close to, not
+identical with, ours.
+Inception Score: softmax over all 1008 logits without the fc bias, 10 splits in order
+(openai/improved-gan's inception_score.py; torch-fidelity's "logits_unbiased" is the same, but it
+shuffles before splitting).
 
-FD-shapes: the Inception weights may be unavailable offline, so for the built-in "shapes" data we train (once,
-deterministically, ~50 s on one core, cached) a small CNN on the attribute labels and compare its 256-d
-penultimate features. It is NOT FID and is not comparable with any published number. Scale, against the 10k
-test-split stats (shapes v3): real train images give 31.9 at N=500, 8.3 at N=2000 and 3.0 at N=10000 (what a
-perfect generator gets at that N; 20 disjoint sets of 500 span 22-34); colour channels rotated 79, 2x box-blurred
-images 301, one image repeated 2874, uniform noise 10986 (N=2000; docs/experiments.md).
+FD-shapes: the Inception weights may be unavailable offline, so for the built-in "shapes" data we
+train (once, deterministically, ~50 s on one core, cached) a small CNN on the attribute labels and
+compare its 256-d penultimate features. It is NOT FID and is not comparable with any published
+number. Scale, against the 10k test-split stats (shapes v3): real train images give 31.9 at N=500,
+8.3 at N=2000 and 3.0 at N=10000 (what a perfect generator gets at that N; 20 disjoint sets of 500
+span 22-34); colour channels rotated 79, 2x box-blurred images 301, one image repeated 2874, uniform
+noise 10986 (N=2000; docs/experiments.md).
 """
 import argparse
 import json
@@ -48,14 +56,16 @@ from data import DataError, error_line, to_uint8  # noqa: F401 (fid.to_uint8 is 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 # sha256 of that file as several independent public projects pin it (torch-fidelity's mirror of it,
-# weights-inception-2015-12-05-6726825d.pth, has the same hash; one project also pins 95,628,359 bytes). It could
-# not be checked against the file here (no download). pytorch-fid itself checks nothing; its name suffix is the
-# torch.hub convention, the first 8 hex digits of the sha256, which the assert below holds us to.
+# weights-inception-2015-12-05-6726825d.pth, has the same hash; one project also pins 95,628,359
+# bytes). It could not be checked against the file here (no download). pytorch-fid itself checks
+# nothing; its name suffix is the torch.hub convention, the first 8 hex digits of the sha256, which
+# the assert below holds us to.
 FID_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 assert FID_WEIGHTS_SHA256.startswith(FID_WEIGHTS_URL.rsplit("-", 1)[1][:8])
 
 # -----------------------------------------------------------------------------
-# the FID Inception v3: torchvision's block structure with pytorch-fid's TF patches, the weight file's key names
+# the FID Inception v3: torchvision's block structure with pytorch-fid's TF patches, the weight
+# file's key names
 
 
 class BasicConv2d(nn.Module):
@@ -75,7 +85,8 @@ def _chain(x, *layers):
 
 
 def _avg3(x):
-    # Patch (TF): the 3x3 average pool divides by the number of real pixels, padded zeros are not counted
+    # Patch (TF): the 3x3 average pool divides by the number of real pixels, padded zeros are not
+    # counted
     return F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
 
 
@@ -85,7 +96,8 @@ class InceptionA(nn.Module):  # Mixed_5b/c/d at 35x35
         self.branch1x1 = BasicConv2d(cin, 64, 1)
         self.branch5x5_1, self.branch5x5_2 = BasicConv2d(cin, 48, 1), BasicConv2d(48, 64, 5, p=2)
         self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
-        self.branch3x3dbl_2, self.branch3x3dbl_3 = BasicConv2d(64, 96, 3, p=1), BasicConv2d(96, 96, 3, p=1)
+        self.branch3x3dbl_2, self.branch3x3dbl_3 = (BasicConv2d(64, 96, 3, p=1),
+                                                    BasicConv2d(96, 96, 3, p=1))
         self.branch_pool = BasicConv2d(cin, pool_features, 1)
 
     def forward(self, x):
@@ -99,7 +111,8 @@ class InceptionB(nn.Module):  # Mixed_6a: 35x35 -> 17x17
         super().__init__()
         self.branch3x3 = BasicConv2d(cin, 384, 3, s=2)
         self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
-        self.branch3x3dbl_2, self.branch3x3dbl_3 = BasicConv2d(64, 96, 3, p=1), BasicConv2d(96, 96, 3, s=2)
+        self.branch3x3dbl_2, self.branch3x3dbl_3 = (BasicConv2d(64, 96, 3, p=1),
+                                                    BasicConv2d(96, 96, 3, s=2))
 
     def forward(self, x):
         return torch.cat([self.branch3x3(x), _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2,
@@ -113,15 +126,17 @@ class InceptionC(nn.Module):  # Mixed_6b..6e at 17x17, factorised 7x7 convs
         self.branch1x1 = BasicConv2d(cin, 192, 1)
         self.branch7x7_1, self.branch7x7_2 = BasicConv2d(cin, c7, 1), BasicConv2d(c7, c7, **row)
         self.branch7x7_3 = BasicConv2d(c7, 192, **col)
-        self.branch7x7dbl_1, self.branch7x7dbl_2 = BasicConv2d(cin, c7, 1), BasicConv2d(c7, c7, **col)
-        self.branch7x7dbl_3, self.branch7x7dbl_4 = BasicConv2d(c7, c7, **row), BasicConv2d(c7, c7, **col)
+        self.branch7x7dbl_1, self.branch7x7dbl_2 = (BasicConv2d(cin, c7, 1),
+                                                    BasicConv2d(c7, c7, **col))
+        self.branch7x7dbl_3, self.branch7x7dbl_4 = (BasicConv2d(c7, c7, **row),
+                                                    BasicConv2d(c7, c7, **col))
         self.branch7x7dbl_5 = BasicConv2d(c7, 192, **row)
         self.branch_pool = BasicConv2d(cin, 192, 1)
 
     def forward(self, x):
         b7 = _chain(x, self.branch7x7_1, self.branch7x7_2, self.branch7x7_3)
-        b7dbl = _chain(x, self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                       self.branch7x7dbl_5)
+        b7dbl = _chain(x, self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
+                       self.branch7x7dbl_4, self.branch7x7dbl_5)
         return torch.cat([self.branch1x1(x), b7, b7dbl, self.branch_pool(_avg3(x))], 1)
 
 
@@ -147,36 +162,44 @@ class InceptionE(nn.Module):  # Mixed_7b/c at 8x8, split 1x3 / 3x1 heads
         self.branch1x1 = BasicConv2d(cin, 320, 1)
         self.branch3x3_1 = BasicConv2d(cin, 384, 1)
         row, col = dict(k=(1, 3), p=(0, 1)), dict(k=(3, 1), p=(1, 0))
-        self.branch3x3_2a, self.branch3x3_2b = BasicConv2d(384, 384, **row), BasicConv2d(384, 384, **col)
-        self.branch3x3dbl_1, self.branch3x3dbl_2 = BasicConv2d(cin, 448, 1), BasicConv2d(448, 384, 3, p=1)
-        self.branch3x3dbl_3a, self.branch3x3dbl_3b = BasicConv2d(384, 384, **row), BasicConv2d(384, 384, **col)
+        self.branch3x3_2a, self.branch3x3_2b = (BasicConv2d(384, 384, **row),
+                                                BasicConv2d(384, 384, **col))
+        self.branch3x3dbl_1, self.branch3x3dbl_2 = (BasicConv2d(cin, 448, 1),
+                                                    BasicConv2d(448, 384, 3, p=1))
+        self.branch3x3dbl_3a, self.branch3x3dbl_3b = (BasicConv2d(384, 384, **row),
+                                                      BasicConv2d(384, 384, **col))
         self.branch_pool = BasicConv2d(cin, 192, 1)
 
     def forward(self, x):
         a = self.branch3x3_1(x)
         b = _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2)
-        # Patch (TF): the last block (Mixed_7c) max-pools here where the paper and torchvision average-pool
+        # Patch (TF): the last block (Mixed_7c) max-pools here where the paper and torchvision
+        # average-pool
         pool = F.max_pool2d(x, 3, 1, 1) if self.max_pool else _avg3(x)
         return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a),
-                          self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b), self.branch_pool(pool)], 1)
+                          self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b),
+                          self.branch_pool(pool)], 1)
 
 
 class InceptionV3(nn.Module):
-    """FID Inception. forward(x): (N, 3, H, W) floats in [0, 1] -> (N, 2048) pool3 features; logits(features)
-    -> (N, 1008) logits without the fc bias (for the Inception Score). weights_path: a file used as given
-    (warning if it is not the official one); None: cache dir or download, sha256-checked; pretrained=False:
-    random weights (tests only). .sha256 holds the loaded file's sha256."""
+    """FID Inception. forward(x): (N, 3, H, W) floats in [0, 1] -> (N, 2048) pool3 features;
+    logits(features) -> (N, 1008) logits without the fc bias (for the Inception Score).
+    weights_path: a file used as given (warning if it is not the official one); None: cache dir or
+    download, sha256-checked; pretrained=False: random weights (tests only). .sha256 holds the
+    loaded file's sha256."""
 
     def __init__(self, weights_path=None, pretrained=True):
         super().__init__()
         self.Conv2d_1a_3x3, self.Conv2d_2a_3x3 = BasicConv2d(3, 32, 3, s=2), BasicConv2d(32, 32, 3)
         self.Conv2d_2b_3x3, self.Conv2d_3b_1x1 = BasicConv2d(32, 64, 3, p=1), BasicConv2d(64, 80, 1)
         self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
-        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = (InceptionA(192, 32), InceptionA(256, 64),
+                                                       InceptionA(288, 64))
         self.Mixed_6a = InceptionB(288)
         self.Mixed_6b, self.Mixed_6c = InceptionC(768, 128), InceptionC(768, 160)
         self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 192)
-        self.Mixed_7a, self.Mixed_7b, self.Mixed_7c = InceptionD(768), InceptionE(1280, False), InceptionE(2048, True)
+        self.Mixed_7a, self.Mixed_7b, self.Mixed_7c = (InceptionD(768), InceptionE(1280, False),
+                                                       InceptionE(2048, True))
         self.fc = nn.Linear(2048, 1008)  # TF's 1008 classes: 1000 ImageNet classes + 8 unused
         self.sha256 = None
         if pretrained:
@@ -184,14 +207,19 @@ class InceptionV3(nn.Module):
         self.eval().requires_grad_(False)  # important! BatchNorm must use the stored statistics
 
     def forward(self, x):
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)  # pytorch-fid's resize
-        x = 2 * x - 1                                                                # [0, 1] -> [-1, 1]
-        x = _chain(x, self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3)   # (N, 64, 147, 147)
-        x = _chain(F.max_pool2d(x, 3, 2), self.Conv2d_3b_1x1, self.Conv2d_4a_3x3)   # (N, 192, 71, 71)
-        x = _chain(F.max_pool2d(x, 3, 2), self.Mixed_5b, self.Mixed_5c, self.Mixed_5d,  # (N, 288, 35, 35)
-                   self.Mixed_6a, self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e)  # (N, 768, 17, 17)
-        x = _chain(x, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c)                  # (N, 2048, 8, 8)
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)                                # (N, 2048) pool3
+        # pytorch-fid's resize
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = 2 * x - 1                                                       # [0, 1] -> [-1, 1]
+        x = _chain(x, self.Conv2d_1a_3x3, self.Conv2d_2a_3x3,
+                   self.Conv2d_2b_3x3)                                      # (N, 64, 147, 147)
+        x = _chain(F.max_pool2d(x, 3, 2), self.Conv2d_3b_1x1,
+                   self.Conv2d_4a_3x3)                                      # (N, 192, 71, 71)
+        x = _chain(F.max_pool2d(x, 3, 2), self.Mixed_5b, self.Mixed_5c,
+                   self.Mixed_5d,                                           # (N, 288, 35, 35)
+                   self.Mixed_6a, self.Mixed_6b, self.Mixed_6c, self.Mixed_6d,
+                   self.Mixed_6e)                                           # (N, 768, 17, 17)
+        x = _chain(x, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c)          # (N, 2048, 8, 8)
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)                       # (N, 2048) pool3
 
     def logits(self, features):
         # no bias, as the original IS code (it reads the weights of TF's softmax/logits/MatMul)
@@ -199,21 +227,25 @@ class InceptionV3(nn.Module):
 
 
 def load_inception_weights(net, path=None):
-    """Load the FID Inception weights into net; return the file's sha256. Errors are one-line DataErrors."""
+    """Load the FID Inception weights into net; return the file's sha256. Errors are one-line
+    DataErrors."""
     if path is None:
         name = FID_WEIGHTS_URL.rsplit("/", 1)[1]
-        path = data.download(FID_WEIGHTS_URL, os.path.join(data.cache_dir(), name), "sha256", FID_WEIGHTS_SHA256)
+        path = data.download(FID_WEIGHTS_URL, os.path.join(data.cache_dir(), name), "sha256",
+                             FID_WEIGHTS_SHA256)
     elif not os.path.isfile(path):
         raise DataError(f"Inception weight file not found: {path}")
     sha = data.file_hash(path)
     if sha != FID_WEIGHTS_SHA256:
         print(f"warning: {path} has sha256 {sha[:8]}..., not the official FID Inception file "
-              f"({FID_WEIGHTS_SHA256[:8]}...): these numbers are not comparable with published FIDs", file=sys.stderr)
+              f"({FID_WEIGHTS_SHA256[:8]}...): these numbers are not comparable with published "
+              "FIDs", file=sys.stderr)
     try:
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:
         msg = " ".join(str(e).split())[:200]
-        raise DataError(f"{path} is not an FID Inception state dict ({type(e).__name__}: {msg})") from None
+        raise DataError(f"{path} is not an FID Inception state dict "
+                        f"({type(e).__name__}: {msg})") from None
     return sha
 
 
@@ -221,13 +253,15 @@ def load_inception_weights(net, path=None):
 # statistics, Frechet distance, Inception Score (float64 numpy on CPU)
 
 def feature_stats(features):
-    """(N, D) features -> mu (D,), sigma (D, D), both float64. Refuses N < 2; warns when N < D (singular sigma)."""
+    """(N, D) features -> mu (D,), sigma (D, D), both float64. Refuses N < 2; warns when N < D
+    (singular sigma)."""
     f = np.asarray(features, dtype=np.float64)
     if f.ndim != 2 or len(f) < 2:
         raise DataError(f"need at least 2 images for statistics, got {len(f)}")
     if len(f) < f.shape[1]:
-        print(f"warning: {len(f)} images < {f.shape[1]} feature dims: sigma is singular and the distance is "
-              f"strongly biased; use >= {f.shape[1]} (papers use 50000)", file=sys.stderr)
+        print(f"warning: {len(f)} images < {f.shape[1]} feature dims: sigma is singular and the "
+              f"distance is strongly biased; use >= {f.shape[1]} (papers use 50000)",
+              file=sys.stderr)
     return f.mean(0), np.cov(f, rowvar=False)
 
 
@@ -242,16 +276,20 @@ def _psd_factor(s):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """|mu1-mu2|^2 + tr(s1) + tr(s2) - 2 tr((s1 s2)^1/2) as a float. s1 s2 = s1 F F^T is similar to the symmetric
-    PSD M = F^T s1 F, so tr((s1 s2)^1/2) = sum sqrt(eig(M)): real, never fails, and no scipy.linalg.sqrtm."""
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    """|mu1-mu2|^2 + tr(s1) + tr(s2) - 2 tr((s1 s2)^1/2) as a float. s1 s2 = s1 F F^T is similar to
+    the symmetric PSD M = F^T s1 F, so tr((s1 s2)^1/2) = sum sqrt(eig(M)): real, never fails, and no
+    scipy.linalg.sqrtm."""
+    mu1, mu2 = (np.atleast_1d(np.asarray(mu1, np.float64)),
+                np.atleast_1d(np.asarray(mu2, np.float64)))
+    s1, s2 = (np.atleast_2d(np.asarray(sigma1, np.float64)),
+              np.atleast_2d(np.asarray(sigma2, np.float64)))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
-        raise DataError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape} "
-                        f"(stats from different feature networks?)")
+        raise DataError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
+                        f"sigma {s1.shape} vs {s2.shape} (stats from different feature networks?)")
     if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
         raise DataError("statistics contain NaN or inf")
-    root2 = _psd_factor(s2)  # s2 is usually the reference, from many images: positive definite, fast path
+    # s2 is usually the reference, from many images: positive definite, fast path
+    root2 = _psd_factor(s2)
     M = root2.T @ s1 @ root2
     tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((M + M.T) / 2), 0, None)).sum()
     diff = mu1 - mu2
@@ -260,8 +298,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 
 def inception_score(logits_or_probs, splits=10):
-    """(mean, std) of exp(E_x KL(p(y|x) || p(y))) over `splits` consecutive chunks. Rows that are already
-    probabilities (non-negative, summing to 1) are used as they are; anything else is softmaxed."""
+    """(mean, std) of exp(E_x KL(p(y|x) || p(y))) over `splits` consecutive chunks. Rows that are
+    already probabilities (non-negative, summing to 1) are used as they are; anything else is
+    softmaxed."""
     x = np.asarray(logits_or_probs, dtype=np.float64)
     if len(x) < splits:
         raise DataError(f"Inception Score needs at least {splits} images, got {len(x)}")
@@ -282,27 +321,33 @@ def inception_score(logits_or_probs, splits=10):
 # feature extraction, and gathering features across DDP ranks
 
 def _as_batch(items, net):
-    """A list of (3, H, W) tensors (uint8 0..255 or floats in [0, 1]) -> (B, 3, H, W) floats in [0, 1]."""
+    """A list of (3, H, W) tensors (uint8 0..255 or floats in [0, 1]) -> (B, 3, H, W) floats in
+    [0, 1]."""
     x = [t.float() / 255 if t.dtype == torch.uint8 else t.float() for t in items]
     if any(t.shape != x[0].shape for t in x):  # mixed sizes: resize one by one as the network would
         if not isinstance(net, InceptionV3):
             raise DataError(f"images of different sizes ({tuple(x[0].shape)} and others)")
-        x = [F.interpolate(t[None], size=(299, 299), mode="bilinear", align_corners=False)[0] for t in x]
-    x = torch.stack(x).contiguous()  # NCHW as pytorch-fid's loader: conv kernels (and roundings) follow the layout
+        x = [F.interpolate(t[None], size=(299, 299), mode="bilinear", align_corners=False)[0]
+             for t in x]
+    # NCHW as pytorch-fid's loader: conv kernels (and roundings) follow the layout
+    x = torch.stack(x).contiguous()
     if x.amin() < -1e-3 or x.amax() > 1 + 1e-3:
-        raise DataError(f"images must be in [0, 1], got values in [{x.amin():.2f}, {x.amax():.2f}]: clamp "
-                        f"them, or map [-1, 1] samples with (x + 1) / 2")
+        raise DataError(f"images must be in [0, 1], got values in "
+                        f"[{x.amin():.2f}, {x.amax():.2f}]: clamp them, or map [-1, 1] samples "
+                        "with (x + 1) / 2")
     return x
 
 
 @torch.inference_mode()
 def extract_features(net, images, batch_size=50, device="cpu", num_workers=0, progress=True):
-    """(N, D) float32 numpy features of images: a tensor (N, 3, H, W) or a Dataset of (3, H, W) tensors, uint8
-    0..255 or floats in [0, 1] (e.g. a folder). net: InceptionV3 or ShapesNet, already on device."""
+    """(N, D) float32 numpy features of images: a tensor (N, 3, H, W) or a Dataset of (3, H, W)
+    tensors, uint8 0..255 or floats in [0, 1] (e.g. a folder). net: InceptionV3 or ShapesNet,
+    already on device."""
     if torch.is_tensor(images):
         batches = (list(images[i:i + batch_size]) for i in range(0, len(images), batch_size))
     else:
-        batches = torch.utils.data.DataLoader(images, batch_size, num_workers=num_workers, collate_fn=list)
+        batches = torch.utils.data.DataLoader(images, batch_size, num_workers=num_workers,
+                                              collate_fn=list)
     total = (len(images) + batch_size - 1) // batch_size
     out = [net(_as_batch(b, net).to(device)).float().cpu()
            for b in tqdm(batches, total=total, disable=not progress, leave=False, file=sys.stderr)]
@@ -310,8 +355,9 @@ def extract_features(net, images, batch_size=50, device="cpu", num_workers=0, pr
 
 
 def gather_features(features):
-    """Every rank's (n_rank, D) features -> all ranks' (sum n_rank, D), in rank order, on every rank (uneven
-    n_rank allowed). train.py generates its FID samples sharded across ranks; identity without DDP."""
+    """Every rank's (n_rank, D) features -> all ranks' (sum n_rank, D), in rank order, on every rank
+    (uneven n_rank allowed). train.py generates its FID samples sharded across ranks; identity
+    without DDP."""
     if not (dist.is_available() and dist.is_initialized()):
         return features
     n = torch.tensor([len(features)], device=features.device)
@@ -402,14 +448,16 @@ def protocol_note(net):
 # FD-shapes: an offline Frechet distance for the built-in shapes data (not FID)
 
 class ShapesNet(nn.Module):
-    """Small CNN predicting every attribute of a 32x32 shapes image (data.ATTRIBUTES) from a 256-d feature;
-    forward(x) (N, 3, 32, 32) in [0, 1] -> (N, 256) penultimate features, the ones FD-shapes compares."""
+    """Small CNN predicting every attribute of a 32x32 shapes image (data.ATTRIBUTES) from a 256-d
+    feature; forward(x) (N, 3, 32, 32) in [0, 1] -> (N, 256) penultimate features, the ones
+    FD-shapes compares."""
 
     def __init__(self, width=16, dim=256):
         super().__init__()
         layers, cin = [], 3
         for cout in (width, 2 * width, 4 * width):  # 32 -> 16 -> 8 -> 4
-            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)]
+            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                       nn.ReLU(), nn.MaxPool2d(2)]
             cin = cout
         self.body = nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin * 16, dim), nn.ReLU())
         self.heads = nn.ModuleDict({k: nn.Linear(dim, v) for k, v in data.ATTRIBUTES.items()})
@@ -417,14 +465,17 @@ class ShapesNet(nn.Module):
     def forward(self, x):
         if x.shape[-2:] != (32, 32):
             raise DataError(f"FD-shapes needs 32x32 images, got {x.shape[-2]}x{x.shape[-1]}")
-        return self.body((x.contiguous() - 0.5) / 0.25)  # NCHW: results must not depend on the memory layout
+        # NCHW: results must not depend on the memory layout
+        return self.body((x.contiguous() - 0.5) / 0.25)
 
 
 def train_shapes_net(steps=600, n_train=20000, seed=0, batch_size=64):
-    """ShapesNet trained on the shapes train split: Adam, summed cross-entropy over all attribute heads, lr
-    warm-up then linear decay. Call it single-threaded for a result that is the same on every machine."""
+    """ShapesNet trained on the shapes train split: Adam, summed cross-entropy over all attribute
+    heads, lr warm-up then linear decay. Call it single-threaded for a result that is the same on
+    every machine."""
     ds = data.shapes_dataset("train", n_train)
-    x_all, y_all = ds.images, {k: torch.from_numpy(v) for k, v in ds.attrs.items()}  # (N, 3, 32, 32) uint8
+    # (N, 3, 32, 32) uint8
+    x_all, y_all = ds.images, {k: torch.from_numpy(v) for k, v in ds.attrs.items()}
     with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG state
         torch.manual_seed(seed)
         net, g = ShapesNet(), torch.Generator().manual_seed(seed)
@@ -446,23 +497,28 @@ def _train_and_cache_shapes_net(path, steps, n_train, n_test):
     torch.set_num_threads(1)  # bitwise-deterministic training and reference statistics
     try:
         net, test = train_shapes_net(steps, n_train), data.shapes_dataset("test", n_test)
-        feats = torch.from_numpy(extract_features(net, test.images, 500, progress=False))  # (n_test, 256)
+        # (n_test, 256)
+        feats = torch.from_numpy(extract_features(net, test.images, 500, progress=False))
         mu, sigma = feature_stats(feats.numpy())
-        acc = {k: (h(feats).argmax(1).numpy() == test.attrs[k]).mean().item() for k, h in net.heads.items()}
+        acc = {k: (h(feats).argmax(1).numpy() == test.attrs[k]).mean().item()
+               for k, h in net.heads.items()}
     finally:
         torch.set_num_threads(threads)
-    print(f"ShapesNet: trained {steps} steps in {time.time() - t0:.0f}s, test accuracy: shape {acc['shape']:.2%}, "
-          f"mean over attributes {np.mean(list(acc.values())):.2%}; cached at {path}", file=sys.stderr)
+    print(f"ShapesNet: trained {steps} steps in {time.time() - t0:.0f}s, "
+          f"test accuracy: shape {acc['shape']:.2%}, "
+          f"mean over attributes {np.mean(list(acc.values())):.2%}; cached at {path}",
+          file=sys.stderr)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"  # per process: DDP ranks may all train at once
-    torch.save({"model": net.state_dict(), "mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma),
-                "test_acc": acc}, tmp)
+    torch.save({"model": net.state_dict(), "mu": torch.from_numpy(mu),
+                "sigma": torch.from_numpy(sigma), "test_acc": acc}, tmp)
     os.replace(tmp, path)  # atomic: never a half-written cache file
 
 
 def load_shapes_net(device="cpu", steps=600, n_train=20000, n_test=10000):
-    """The frozen FD-shapes network, trained once (~1 min) and cached in the cache dir together with its
-    reference statistics (.ref_mu, .ref_sigma: the test split's features) and test accuracies (.test_acc)."""
+    """The frozen FD-shapes network, trained once (~1 min) and cached in the cache dir together with
+    its reference statistics (.ref_mu, .ref_sigma: the test split's features) and test accuracies
+    (.test_acc)."""
     default = (steps, n_train, n_test) == (600, 20000, 10000)
     tag = f"shapes_fd_net_d{data.SHAPES_VERSION}"  # one cached net per version of the built-in data
     name = f"{tag}.pt" if default else f"{tag}_{steps}_{n_train}_{n_test}.pt"
@@ -475,19 +531,23 @@ def load_shapes_net(device="cpu", steps=600, n_train=20000, n_test=10000):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(ckpt["model"])
     except Exception as e:
-        raise DataError(f"corrupt cache file {path} ({type(e).__name__}): delete it to retrain") from None
-    net.ref_mu, net.ref_sigma, net.test_acc = ckpt["mu"].numpy(), ckpt["sigma"].numpy(), ckpt["test_acc"]
+        raise DataError(f"corrupt cache file {path} ({type(e).__name__}): "
+                        "delete it to retrain") from None
+    net.ref_mu, net.ref_sigma, net.test_acc = (ckpt["mu"].numpy(), ckpt["sigma"].numpy(),
+                                               ckpt["test_acc"])
     return net.to(device).eval().requires_grad_(False)
 
 
 def shapes_reference_stats(**kw):
-    """(mu, sigma) float64 of ShapesNet features on the 10k-image shapes test split (cached with the net)."""
+    """(mu, sigma) float64 of ShapesNet features on the 10k-image shapes test split (cached with the
+    net)."""
     net = load_shapes_net(**kw)
     return net.ref_mu, net.ref_sigma
 
 
 def fd_shapes(images, net=None):
-    """FD-shapes of generated images (N, 3, 32, 32) in [0, 1] against the shapes test split. Not FID."""
+    """FD-shapes of generated images (N, 3, 32, 32) in [0, 1] against the shapes test split. Not
+    FID."""
     net = load_shapes_net(images.device) if net is None else net
     mu, sigma = feature_stats(extract_features(net, images, 500, images.device, progress=False))
     return frechet_distance(mu, sigma, net.ref_mu, net.ref_sigma)
@@ -496,14 +556,16 @@ def fd_shapes(images, net=None):
 # -----------------------------------------------------------------------------
 # command line
 
-DATASETS = {"cifar10-train": lambda: data.cifar10_dataset("train").images,  # unflipped uint8 (N, 3, 32, 32)
+# unflipped uint8 (N, 3, 32, 32)
+DATASETS = {"cifar10-train": lambda: data.cifar10_dataset("train").images,
             "cifar10-test": lambda: data.cifar10_dataset("test").images,
             "shapes-train": lambda: data.shapes_dataset("train").images,
             "shapes-test": lambda: data.shapes_dataset("test").images}
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Image files -> (3, H, W) uint8 tensors, RGB-converted (pytorch-fid's loader, any extension, any case)."""
+    """Image files -> (3, H, W) uint8 tensors, RGB-converted (pytorch-fid's loader, any extension,
+    any case)."""
 
     def __init__(self, files):
         self.files = files
@@ -512,17 +574,20 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        return torch.from_numpy(data.load_image(self.files[i]).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+        # (3, H, W) uint8
+        return torch.from_numpy(data.load_image(self.files[i]).copy()).permute(2, 0, 1)
 
 
 def load_input(spec):
-    """A CLI input -> (mu, sigma) from an .npz, or images (a uint8 tensor or an ImageFiles dataset)."""
+    """A CLI input -> (mu, sigma) from an .npz, or images (a uint8 tensor or an ImageFiles
+    dataset)."""
     if spec in DATASETS:
         return DATASETS[spec]()
     if spec.lower().endswith(".npz") and os.path.isfile(spec):
         try:
             with np.load(spec) as f:
-                if "mu" in f and "sigma" in f:  # pytorch-fid stats, ADM reference batches (also hold arr_0)
+                # pytorch-fid stats, ADM reference batches (also hold arr_0)
+                if "mu" in f and "sigma" in f:
                     return f["mu"], f["sigma"]
                 if "arr_0" in f:  # an ADM-style sample batch, (N, H, W, 3) uint8
                     return torch.from_numpy(f["arr_0"]).permute(0, 3, 1, 2)
@@ -535,11 +600,13 @@ def load_input(spec):
         if not files:
             raise DataError(f"no image files in {spec}")
         return ImageFiles(files)
-    raise DataError(f"{spec}: no such folder or .npz file, nor a dataset name ({', '.join(DATASETS)})")
+    raise DataError(f"{spec}: no such folder or .npz file, "
+                    f"nor a dataset name ({', '.join(DATASETS)})")
 
 
 def run(args):
-    if len(args.inputs) > 2 or (len(args.inputs) == 1 and not (args.save_stats or args.inception_score)):
+    if len(args.inputs) > 2 or (len(args.inputs) == 1
+                                and not (args.save_stats or args.inception_score)):
         raise DataError("give two inputs to compare, or one with --save-stats and/or --is")
     if args.inception_score and args.metric != "fid":
         raise DataError("--is needs --metric fid (it uses the Inception logits)")
@@ -552,13 +619,16 @@ def run(args):
             stats.append(x)
             continue
         if net is None:  # built only when some input is images, so .npz-vs-.npz works offline
-            net = (InceptionV3(args.inception) if args.metric == "fid" else load_shapes_net()).to(args.device)
+            net = (InceptionV3(args.inception) if args.metric == "fid"
+                   else load_shapes_net()).to(args.device)
         feats = extract_features(net, x, args.batch_size, args.device, args.num_workers)
         stats.append(feature_stats(feats))
         result["n" if k == 0 else "n_ref"] = len(feats)
         if k == 0 and args.inception_score:
-            result["is_mean"], result["is_std"] = inception_score(net.logits(torch.from_numpy(feats)).cpu())
-            print(f"IS-{len(feats)}: {result['is_mean']:.3f} +- {result['is_std']:.3f} (10 splits, 1008-way logits)")
+            result["is_mean"], result["is_std"] = inception_score(
+                net.logits(torch.from_numpy(feats)).cpu())
+            print(f"IS-{len(feats)}: {result['is_mean']:.3f} +- {result['is_std']:.3f} "
+                  f"(10 splits, 1008-way logits)")
     if args.save_stats:
         tmp = args.save_stats + ".tmp"
         with open(tmp, "wb") as f:  # a file object, so numpy does not append .npz to the temp name
@@ -569,7 +639,8 @@ def run(args):
         result["value"] = frechet_distance(*stats[0], *stats[1])
         label = result["metric"] + (f"-{result['n']}" if "n" in result else "")
         if net is None:
-            protocol = "from two statistics files: their network and protocol are whatever produced them"
+            protocol = ("from two statistics files: their network and protocol are whatever "
+                        "produced them")
         else:
             protocol = protocol_note(net)
             if args.metric == "fid":
@@ -579,18 +650,25 @@ def run(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description="FID (pytorch-fid protocol), Inception Score, FD-shapes",
+    p = argparse.ArgumentParser(description="FID (pytorch-fid protocol), Inception Score, "
+                                "FD-shapes",
                                 epilog=__doc__.split("\n\n")[1],  # the commands of the docstring
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", help=f"1 or 2 of: image folder, .npz (mu/sigma, or arr_0 images), "
-                                             f"{', '.join(DATASETS)}; the first one is the generated side")
-    p.add_argument("--metric", choices=["fid", "fd-shapes"], default="fid", help="fd-shapes: 32x32 shapes only")
-    p.add_argument("--inception", default=None, help="FID Inception weight file (default: cache dir or download)")
+    p.add_argument("inputs", nargs="+",
+                   help=f"1 or 2 of: image folder, .npz (mu/sigma, or arr_0 images), "
+                   f"{', '.join(DATASETS)}; the first one is the generated side")
+    p.add_argument("--metric", choices=["fid", "fd-shapes"], default="fid",
+                   help="fd-shapes: 32x32 shapes only")
+    p.add_argument("--inception", default=None,
+                   help="FID Inception weight file (default: cache dir or download)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="image-loading processes")
-    p.add_argument("--save-stats", default=None, metavar="OUT.npz", help="save mu/sigma of the first input")
-    p.add_argument("--is", dest="inception_score", action="store_true", help="also the Inception Score of input 1")
+    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="image-loading processes")
+    p.add_argument("--save-stats", default=None, metavar="OUT.npz",
+                   help="save mu/sigma of the first input")
+    p.add_argument("--is", dest="inception_score", action="store_true",
+                   help="also the Inception Score of input 1")
     args = p.parse_args()
     try:
         run(args)

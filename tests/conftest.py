@@ -1,4 +1,5 @@
-"""Shared pytest setup: the repo root on sys.path, the `slow` marker (CI runs with -m "not slow")."""
+"""Shared pytest setup: the repo root on sys.path, the `slow` marker
+(CI runs with -m "not slow")."""
 import os
 import sys
 
@@ -7,4 +8,5 @@ sys.path.insert(0, ROOT)
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long end-to-end runs; CI runs the short versions only")
+    config.addinivalue_line("markers",
+                            "slow: long end-to-end runs; CI runs the short versions only")

@@ -344,15 +344,16 @@ def test_rfid_of_a_set_against_its_own_stats_is_zero(micro_ckpt, fake_inception,
 
 
 def test_rfid_of_a_real_model(micro_ckpt, fake_inception, capsys):
-    """The micro model's reconstructions: rFID > 0, a finite PSNR, the same figures on a repeat and at
-    another batch size (the tokenizer noise is keyed per image)."""
+    """The micro model's reconstructions: rFID > 0, a finite PSNR, the same figures on a repeat and
+    at another batch size (the tokenizer noise is keyed per image)."""
     path, m = micro_ckpt
     argv = [path, "--recon-data", "shapes", "--num-samples", "30", "--batch-size", "16"]
     _, r = run_main(argv, capsys)
     _, again = run_main(argv, capsys)
     assert r["value"] > 0 and 0 < r["psnr"] < 100 and r == again
     _, other = run_main(argv[:-1] + ["7"], capsys)
-    assert abs(other["psnr"] - r["psnr"]) < 1e-9 and abs(other["value"] - r["value"]) < 1e-6 * r["value"]
+    assert (abs(other["psnr"] - r["psnr"]) < 1e-9
+            and abs(other["value"] - r["value"]) < 1e-6 * r["value"])
 
 
 # -----------------------------------------------------------------------------

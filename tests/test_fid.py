@@ -1,14 +1,16 @@
 """
-Tests for fid.py: Frechet-distance closed forms and parity with pytorch-fid's sqrtm formula, the Inception
-network (random weights: the real file cannot be downloaded in CI), weight-file checks, the CLI, the Inception
-Score, FD-shapes and the DDP feature gather. CPU only, < 1 min in all:
+Tests for fid.py: Frechet-distance closed forms and parity with pytorch-fid's sqrtm formula, the
+Inception network (random weights: the real file cannot be downloaded in CI), weight-file checks,
+the CLI, the Inception Score, FD-shapes and the DDP feature gather. CPU only, < 1 min in all:
 
     python -m pytest tests/test_fid.py -q                        # fast tests
-    RUN_SLOW=1 python -m pytest tests/test_fid.py -q -m slow     # full ShapesNet training, 2048-d timing (~2 min)
+    RUN_SLOW=1 python -m pytest tests/test_fid.py -q -m slow     # full ShapesNet training, 2048-d
+                                                                 # timing (~2 min)
 """
 import os
 
-# numpy's multi-threaded LAPACK is slow on small matrices, and pathological (up to 100x) on a busy 2-core machine.
+# numpy's multi-threaded LAPACK is slow on small matrices, and pathological (up to 100x) on a busy
+# 2-core machine.
 # Takes effect only if numpy is not imported yet; changes no result.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
@@ -35,7 +37,8 @@ from data import DataError  # noqa: E402
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
-    """The 299x299 Inception forward is faster on 1 thread than on 2 busy ones; restored for other test files."""
+    """The 299x299 Inception forward is faster on 1 thread than on 2 busy ones; restored for other
+    test files."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -43,13 +46,16 @@ def one_torch_thread():
 
 
 def slow(test):
-    """Marked slow (CI runs -m "not slow"), and skipped unless RUN_SLOW=1 so that a plain run of this file is fast."""
-    return pytest.mark.slow(pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="slow: set RUN_SLOW=1")(test))
+    """Marked slow (CI runs -m "not slow"), and skipped unless RUN_SLOW=1 so that a plain run of
+    this file is fast."""
+    return pytest.mark.slow(pytest.mark.skipif(not os.environ.get("RUN_SLOW"),
+                                               reason="slow: set RUN_SLOW=1")(test))
 
 
 def pytorch_fid_reference(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """pytorch-fid's calculate_frechet_distance (fid_score.py), rewritten step for step: scipy sqrtm of the
-    product, an eps*I retry when it is not finite, the real part if the imaginary one is small."""
+    """pytorch-fid's calculate_frechet_distance (fid_score.py), rewritten step for step: scipy sqrtm
+    of the product, an eps*I retry when it is not finite, the real part if the imaginary one is
+    small."""
     diff = mu1 - mu2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # scipy >= 1.16 deprecates disp
@@ -65,7 +71,8 @@ def pytorch_fid_reference(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 def random_stats(d, n, seed):
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, d)) @ (rng.standard_normal((d, d)) / np.sqrt(d)) + rng.standard_normal(d)
+    x = (rng.standard_normal((n, d)) @ (rng.standard_normal((d, d)) / np.sqrt(d))
+         + rng.standard_normal(d))
     return fid.feature_stats(x)
 
 
@@ -75,13 +82,17 @@ def random_stats(d, n, seed):
 def test_frechet_closed_forms():
     mu, sigma = random_stats(32, 200, 0)
     mu2 = mu + np.linspace(-1, 1, 32)
-    assert fid.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0, abs=1e-9)      # identical stats
-    assert fid.frechet_distance(mu, sigma, mu2, sigma) == pytest.approx(np.sum((mu - mu2) ** 2), rel=1e-8)
+    # identical stats
+    assert fid.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0, abs=1e-9)
+    assert fid.frechet_distance(mu, sigma, mu2, sigma) == pytest.approx(np.sum((mu - mu2) ** 2),
+                                                                        rel=1e-8)
     a, b = np.array([1.0, 4.0, 0.0, 2.5]), np.array([9.0, 1.0, 0.5, 0.0])  # diagonal, both singular
     expect = np.sum((np.sqrt(a) - np.sqrt(b)) ** 2) + 2.0 ** 2
-    assert fid.frechet_distance(np.zeros(4), np.diag(a), np.r_[2.0, 0, 0, 0], np.diag(b)) == pytest.approx(expect)
+    assert fid.frechet_distance(np.zeros(4), np.diag(a), np.r_[2.0, 0, 0, 0],
+                                np.diag(b)) == pytest.approx(expect)
     _, sigma2 = random_stats(32, 300, 1)
-    forward, backward = fid.frechet_distance(mu, sigma, mu2, sigma2), fid.frechet_distance(mu2, sigma2, mu, sigma)
+    forward, backward = (fid.frechet_distance(mu, sigma, mu2, sigma2),
+                         fid.frechet_distance(mu2, sigma2, mu, sigma))
     assert forward == pytest.approx(backward, rel=1e-10)  # symmetric in its arguments
 
 
@@ -138,12 +149,14 @@ def test_inception_score():
 # the Inception network and its weight file
 
 def randomize_(net, seed=0):
-    """Random weights with O(1) activations all the way to pool3 (default init shrinks them to ~1e-8)."""
+    """Random weights with O(1) activations all the way to pool3 (default init shrinks them to
+    ~1e-8)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, torch.nn.Conv2d):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2 / m.weight[0].numel()) ** 0.5)
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g)
+                               * (2 / m.weight[0].numel()) ** 0.5)
             elif isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
                 m.running_var.uniform_(0.5, 1.5, generator=g)
@@ -180,7 +193,8 @@ def test_parity_with_pytorch_fid(inception_file, monkeypatch):
         pytest.skip(f"pytorch_fid not importable ({type(e).__name__}: {e})")
     ours, path = inception_file
     state = torch.load(path, weights_only=True)
-    monkeypatch.setattr(pf, "load_state_dict_from_url", lambda *a, **k: state)  # its own API, our random file
+    # its own API, our random file
+    monkeypatch.setattr(pf, "load_state_dict_from_url", lambda *a, **k: state)
     ref = pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
     x = torch.rand(3, 3, 64, 48, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -204,7 +218,8 @@ def test_weight_file_errors(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="sha256"):  # wrong file in the cache dir
         fid.InceptionV3()
     cached.unlink()
-    monkeypatch.setattr(fid, "FID_WEIGHTS_URL", "http://127.0.0.1:9/pt_inception-2015-12-05-6726825d.pth")
+    monkeypatch.setattr(fid, "FID_WEIGHTS_URL",
+                        "http://127.0.0.1:9/pt_inception-2015-12-05-6726825d.pth")
     with pytest.raises(DataError, match="put the file at"):  # offline, no file
         fid.InceptionV3()
     with pytest.raises(DataError, match="not found"):
@@ -220,8 +235,8 @@ def test_weight_file_errors(tmp_path, monkeypatch):
 def run_cli(*args, env=None):
     """python fid.py args..., as a user runs it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "fid.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=300)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "fid.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
 
 
 def run_main(argv, monkeypatch, capsys):
@@ -246,32 +261,39 @@ def write_images(folder, imgs, exts=(".png",)):
 def test_cli_fid_is_and_save_stats(inception_file, tmp_path, monkeypatch, capsys):
     _, weights = inception_file
     rng = np.random.default_rng(0)
-    a = write_images(tmp_path / "a", rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8), (".png", ".PNG", ".bmp"))
+    a = write_images(tmp_path / "a", rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8),
+                     (".png", ".PNG", ".bmp"))
     b = write_images(tmp_path / "b", rng.integers(0, 128, (4, 40, 30, 3), dtype=np.uint8))
     stats = str(tmp_path / "a_stats.npz")
     r = run_cli(a, b, "--inception", weights, "--is", "--save-stats", stats, "--batch-size", "4",
                 "--num-workers", "0", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
-    assert re.search(r"^FID-10: \d+\.\d{3} \(pytorch-fid protocol, inception sha256 [0-9a-f]{8}\.\.\., NOT the "
-                     r"official", r.stdout, re.M), r.stdout
+    assert re.search(r"^FID-10: \d+\.\d{3} \(pytorch-fid protocol, inception sha256 "
+                     r"[0-9a-f]{8}\.\.\., NOT the official", r.stdout, re.M), r.stdout
     assert re.search(r"^IS-10: \d+\.\d{3} \+- \d+\.\d{3}", r.stdout, re.M)
     result = json.loads(lines[-1])
-    assert result["metric"] == "FID" and result["n"] == 10 and result["n_ref"] == 4 and result["value"] > 0
+    assert (result["metric"] == "FID" and result["n"] == 10 and result["n_ref"] == 4
+            and result["value"] > 0)
     with np.load(stats) as f:  # pytorch-fid's format: mu (2048,), sigma (2048, 2048)
         assert f["mu"].shape == (2048,) and f["sigma"].shape == (2048, 2048)
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
-    small = str(tmp_path / "small.npz")  # 2048-d FDs take seconds: stats-only runs are checked at 8-d
+    # 2048-d FDs take seconds: stats-only runs are checked at 8-d
+    small = str(tmp_path / "small.npz")
     np.savez(small, mu=np.zeros(8), sigma=np.eye(8))
-    code, out, _ = run_main([small, small], monkeypatch, capsys)  # stats only: no network, works offline
-    assert code == 0 and "FID: 0.000 (from two statistics files" in out and json.loads(out.splitlines()[-1])["value"] == 0
+    # stats only: no network, works offline
+    code, out, _ = run_main([small, small], monkeypatch, capsys)
+    assert (code == 0 and "FID: 0.000 (from two statistics files" in out
+            and json.loads(out.splitlines()[-1])["value"] == 0)
 
 
 def test_cli_user_errors_are_one_line(inception_file, tmp_path, monkeypatch, capsys):
     _, weights = inception_file
-    r = run_cli(str(tmp_path / "missing"), str(tmp_path / "missing2"))  # the real process: no traceback
-    assert r.returncode != 0 and r.stderr.strip() == f"error: {tmp_path / 'missing'}: no such folder or .npz " \
-        f"file, nor a dataset name (cifar10-train, cifar10-test, shapes-train, shapes-test)", r.stderr
+    # the real process: no traceback
+    r = run_cli(str(tmp_path / "missing"), str(tmp_path / "missing2"))
+    assert r.returncode != 0 and r.stderr.strip() == f"error: {tmp_path / 'missing'}: no such " \
+        f"folder or .npz file, nor a dataset name (cifar10-train, cifar10-test, shapes-train, " \
+        f"shapes-test)", r.stderr
     one = write_images(tmp_path / "one", np.zeros((1, 16, 16, 3), np.uint8))
     bad = write_images(tmp_path / "bad", np.zeros((2, 16, 16, 3), np.uint8))
     (tmp_path / "bad" / "broken.png").write_bytes(b"not a png")
@@ -282,11 +304,14 @@ def test_cli_user_errors_are_one_line(inception_file, tmp_path, monkeypatch, cap
     cases = [([one, one], "at least 2 images"), ([bad, one], "corrupt or unreadable"),
              ([str(tmp_path / "empty"), one], "no image files"),
              ([str(tmp_path / "three.npz"), str(tmp_path / "four.npz")], "statistics do not match"),
-             ([str(tmp_path / "keys.npz"), one], "expected mu and sigma"), ([one], "give two inputs"),
+             ([str(tmp_path / "keys.npz"), one], "expected mu and sigma"),
+             ([one], "give two inputs"),
              ([str(tmp_path / "three.npz"), one, "--is"], "--is needs images")]
     for argv, msg in cases:
-        code, _, err = run_main(argv + ["--inception", weights, "--num-workers", "0"], monkeypatch, capsys)
-        assert code == 1 and msg in err and err.strip().splitlines()[-1].startswith("error: "), (argv, err)
+        code, _, err = run_main(argv + ["--inception", weights, "--num-workers", "0"], monkeypatch,
+                                capsys)
+        assert (code == 1 and msg in err
+                and err.strip().splitlines()[-1].startswith("error: ")), (argv, err)
 
 
 # -----------------------------------------------------------------------------
@@ -294,8 +319,8 @@ def test_cli_user_errors_are_one_line(inception_file, tmp_path, monkeypatch, cap
 
 @pytest.fixture(scope="module")
 def tiny_shapes_net(tmp_path_factory):
-    """A ShapesNet trained for a few steps on few images (the real one: 600 steps on 20k, ~1 min), cached in a
-    temporary cache dir exactly as load_shapes_net caches the real one."""
+    """A ShapesNet trained for a few steps on few images (the real one: 600 steps on 20k, ~1 min),
+    cached in a temporary cache dir exactly as load_shapes_net caches the real one."""
     cache = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MINUNITE_CACHE", str(cache))
@@ -317,7 +342,8 @@ def test_fd_shapes_scale(tiny_shapes_net):
     mu, sigma = fid.feature_stats(feats)
     assert fid.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0, abs=1e-6)
     real = fid.fd_shapes(x, net)
-    swapped = fid.fd_shapes(x[:, [2, 0, 1]], net)  # colour channels rotated: a visibly wrong generator
+    # colour channels rotated: a visibly wrong generator
+    swapped = fid.fd_shapes(x[:, [2, 0, 1]], net)
     repeated = fid.fd_shapes(x[:1].repeat(600, 1, 1, 1), net)  # mode collapse
     assert real < swapped and real < repeated, (real, swapped, repeated)
     with pytest.raises(DataError, match="32x32"):
@@ -330,7 +356,8 @@ def test_cli_fd_shapes(tiny_shapes_net, tmp_path):
     shutil.copy(cache / f"{tag}_30_500_300.pt", cache / f"{tag}.pt")  # pose as the real one
     a = write_images(tmp_path / "a", data.make_shapes(12, seed=3)[0])
     b = write_images(tmp_path / "b", data.make_shapes(12, seed=4)[0])
-    r = run_cli(a, b, "--metric", "fd-shapes", "--num-workers", "0", env={"MINUNITE_CACHE": str(cache)})
+    r = run_cli(a, b, "--metric", "fd-shapes", "--num-workers", "0",
+                env={"MINUNITE_CACHE": str(cache)})
     assert r.returncode == 0, r.stderr
     assert re.search(r"^FD-shapes-12: \d+\.\d{3} \(.*not FID", r.stdout, re.M), r.stdout
     assert json.loads(r.stdout.splitlines()[-1])["metric"] == "FD-shapes"
@@ -378,5 +405,6 @@ def test_frechet_speed_2048():
     t1 = time.time()
     ref = pytorch_fid_reference(mu1, s1, mu2, s2)
     t2 = time.time()
-    print(f"Frechet distance at 2048-d: ours {t1 - t0:.2f}s, scipy sqrtm {t2 - t1:.2f}s, {(t2 - t1) / (t1 - t0):.1f}x")
+    print(f"Frechet distance at 2048-d: ours {t1 - t0:.2f}s, scipy sqrtm {t2 - t1:.2f}s, "
+          f"{(t2 - t1) / (t1 - t0):.1f}x")
     assert abs(ours - ref) <= 1e-6 * abs(ref) and (t2 - t1) >= 5 * (t1 - t0)

@@ -5,8 +5,8 @@ Tests for model.LPIPS (VGG16 LPIPS v0.1) and its loaders, CPU only, a few second
 
 The real weight files are not in CI (the `lpips` package is not a dependency and VGG16 is 528 MB),
 so the tests write their own files in the published formats with random weights: a torchvision
-vgg16 state dict (features.* plus classifier.*) and a heads file (linK.model.1.weight). With the same
-weights, model.LPIPS equals the `lpips` package (0.1.4) to 0.0 (checked outside the repo).
+vgg16 state dict (features.* plus classifier.*) and a heads file (linK.model.1.weight). With the
+same weights, model.LPIPS equals the `lpips` package (0.1.4) to 0.0 (checked outside the repo).
 """
 import urllib.request
 

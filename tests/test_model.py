@@ -1,12 +1,13 @@
-"""Model tests: shapes, parameter counts, the two GE modes, stop-grad, separate weights, overfitting, samplers.
+"""Model tests: shapes, parameter counts, the two GE modes, stop-grad, separate weights,
+overfitting, samplers.
 Run: python -m pytest tests/test_model.py -q"""
 import math
 
 import pytest
 import torch
 
-from model import (PRESETS, UNITE, count_params, draw_noise, flow_loss, guided_x, make_config, sample_latents,
-                   time_grid)
+from model import (PRESETS, UNITE, count_params, draw_noise, flow_loss, guided_x, make_config,
+                   sample_latents, time_grid)
 
 
 def tiny_model(**kw):
@@ -15,7 +16,8 @@ def tiny_model(**kw):
 
 
 def test_preset_parameter_counts():
-    # paper: GE-B 130.6M + decoder-B 86.2M; L 458.2M; XL 675.3M (code-computed, unite-paper.md 2.2/2.4)
+    # paper: GE-B 130.6M + decoder-B 86.2M; L 458.2M; XL 675.3M
+    # (code-computed, unite-paper.md 2.2/2.4)
     expected = {"B": (130.6, 86.2), "L": (458.2, 86.2), "XL": (675.3, 86.2)}
     for name, (enc, dec) in expected.items():
         with torch.device("meta"):
@@ -38,10 +40,12 @@ def test_two_modes_shapes_and_output_norm(name):
     assert z0.shape == (3, cfg.num_tokens, cfg.latent_dim)
     xp = m.encoder.denoise(torch.randn_like(z0), torch.rand(3), torch.tensor([0, 1, 5]))
     assert xp.shape == z0.shape
-    # both outputs go through LayerNorm(C) with its init affine (1, 0): every token has mean 0, var 1
+    # both outputs go through LayerNorm(C) with its init affine (1, 0): every token has mean 0,
+    # var 1
     with torch.no_grad():
         m.encoder.final_linear.weight.normal_()
-        for out in (m.encoder.tokenize(x), m.encoder.denoise(torch.randn_like(z0), torch.rand(3), torch.zeros(3).long())):
+        for out in (m.encoder.tokenize(x),
+                    m.encoder.denoise(torch.randn_like(z0), torch.rand(3), torch.zeros(3).long())):
             assert torch.allclose(out.mean(-1), torch.zeros(()), atol=1e-5)
             assert torch.allclose(out.var(-1, unbiased=False), torch.ones(()), atol=1e-3)
     assert m.decoder(z0).shape == x.shape
@@ -71,7 +75,8 @@ def test_stopgrad_blocks_flow_loss_from_tokenizer():
             assert g is not None and g.abs().sum() > 0
         else:
             assert g is None or g.abs().sum() == 0
-        assert m.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0  # shared weights do learn from it
+        # shared weights do learn from it
+        assert m.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
 
 def test_separate_has_two_weight_sets():
@@ -99,7 +104,8 @@ def test_recon_weight_scales_only_the_reconstruction_term():
     l1, s1 = m1(x, y, noise)
     l3, s3 = m3(x, y, noise)
     assert torch.equal(s1["recon"], s3["recon"]) and torch.equal(s1["flow"], s3["flow"])
-    assert torch.allclose(l3, 3 * s1["recon"] + s1["flow"]) and torch.allclose(l1, s1["recon"] + s1["flow"])
+    assert (torch.allclose(l3, 3 * s1["recon"] + s1["flow"])
+            and torch.allclose(l1, s1["recon"] + s1["flow"]))
 
 
 def test_loss_falls_when_overfitting():
@@ -118,9 +124,9 @@ def test_loss_falls_when_overfitting():
 
 
 class GaussianOracle(torch.nn.Module):
-    """Exact x-prediction for data z0 ~ N(mu, s^2 I) under z_t = t z0 + (1-t) eps, written so that the sampler's
-    v = (x_hat - z) / max(1 - t, eps) is the exact probability-flow velocity of z_t = t mu + sigma_t e,
-    sigma_t = sqrt(t^2 s^2 + (1-t)^2)."""
+    """Exact x-prediction for data z0 ~ N(mu, s^2 I) under z_t = t z0 + (1-t) eps, written so that
+    the sampler's v = (x_hat - z) / max(1 - t, eps) is the exact probability-flow velocity of
+    z_t = t mu + sigma_t e, sigma_t = sqrt(t^2 s^2 + (1-t)^2)."""
 
     def __init__(self, mu, s, t_eps):
         super().__init__()
@@ -141,12 +147,15 @@ def test_heun_integrates_gaussian_flow_exactly():
     mu, s = 0.7, 0.3
     oracle = GaussianOracle(mu, s, 0.05)
     noise = torch.randn(4, 16, 8)
-    z1, nfe = sample_latents(oracle, noise, torch.zeros(4).long(), steps=50, method="heun", shift=0.5)
+    z1, nfe = sample_latents(oracle, noise, torch.zeros(4).long(), steps=50, method="heun",
+                             shift=0.5)
     exact = mu + s * noise  # the flow map sends eps to mu + s eps
     assert (z1 - exact).abs().max() < 1e-3
     assert nfe == 100 and oracle.calls == 100
-    z1e, nfe = sample_latents(oracle, noise, torch.zeros(4).long(), steps=50, method="euler", shift=0.5)
-    assert nfe == 50 and (z1e - exact).abs().max() > (z1 - exact).abs().max()  # Heun is the more accurate
+    z1e, nfe = sample_latents(oracle, noise, torch.zeros(4).long(), steps=50, method="euler",
+                              shift=0.5)
+    # Heun is the more accurate
+    assert nfe == 50 and (z1e - exact).abs().max() > (z1 - exact).abs().max()
 
 
 def test_time_grid_is_shifted_toward_noise():
@@ -188,8 +197,9 @@ def test_bf16_autocast_step_is_finite():
 
 
 def test_attend_equals_softmax_attention_in_both_precisions():
-    """model.attend picks SDPA's math path on CPU in bf16 (the fused kernel is ~4x slower there): both paths must give
-    softmax(q k^T / sqrt(d)) v, with gradients, and no dtype-mismatch fallback in the QK-RMSNorm under autocast."""
+    """model.attend picks SDPA's math path on CPU in bf16 (the fused kernel is ~4x slower there):
+    both paths must give softmax(q k^T / sqrt(d)) v, with gradients, and no dtype-mismatch fallback
+    in the QK-RMSNorm under autocast."""
     import warnings
     from model import Attention, attend
     torch.manual_seed(0)
@@ -203,20 +213,23 @@ def test_attend_equals_softmax_attention_in_both_precisions():
     assert all(torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0 for t in (qb, kb, vb))
     att = Attention(32, 2)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # torch warns when rms_norm gets a bf16 input with an fp32 weight
+        # torch warns when rms_norm gets a bf16 input with an fp32 weight
+        warnings.simplefilter("error")
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert att(torch.randn(2, 5, 32)).dtype == torch.bfloat16
 
 
 def test_batched_muon_equals_torch_muon():
-    """optim.Muon batches Newton-Schulz over same-shape matrices: in bf16 it must give torch.optim.Muon's weights
-    bit for bit; in fp32 (the CPU default without bf16 units) it must stay within bf16 rounding of them."""
+    """optim.Muon batches Newton-Schulz over same-shape matrices: in bf16 it must give
+    torch.optim.Muon's weights bit for bit; in fp32 (the CPU default without bf16 units) it must
+    stay within bf16 rounding of them."""
     from optim import Muon
     torch.manual_seed(0)
     shapes = [(64, 32), (64, 32), (32, 96), (48, 48)]
     ref = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     init = [p.detach().clone() for p in ref]
-    ours = {dt: [torch.nn.Parameter(p.detach().clone()) for p in ref] for dt in (torch.bfloat16, torch.float32)}
+    ours = {dt: [torch.nn.Parameter(p.detach().clone()) for p in ref]
+            for dt in (torch.bfloat16, torch.float32)}
     kw = dict(lr=0.02, weight_decay=0.01, adjust_lr_fn="match_rms_adamw")
     opts = [torch.optim.Muon(ref, **kw)] + [Muon(ps, ns_dtype=dt, **kw) for dt, ps in ours.items()]
     for _ in range(3):
@@ -229,6 +242,7 @@ def test_batched_muon_equals_torch_muon():
     for r, b, f, w0 in zip(ref, ours[torch.bfloat16], ours[torch.float32], init):
         assert torch.equal(r, b)
         moved = (r - w0).norm()                     # what 3 steps changed
-        assert 0 < (r - f).norm() < 0.02 * moved    # fp32 NS: the same update up to bf16 rounding (~0.4%)
+        # fp32 NS: the same update up to bf16 rounding (~0.4%)
+        assert 0 < (r - f).norm() < 0.02 * moved
     # the state is torch's: a checkpoint of one loads into the other
     opts[2].load_state_dict(opts[0].state_dict())

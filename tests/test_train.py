@@ -16,13 +16,15 @@ from conftest import ROOT
 
 # a few steps of the micro preset on the built-in data; the lr schedule does not depend on
 # --max-steps
-FAST = ["--model", "micro", "--batch-size", "8", "--micro-batch", "8", "--eval-samples", "0", "--sample-every", "-1",
-        "--log-every", "2", "--warmup-epochs", "0.001", "--decay-epochs", "1", "--lr", "3e-3", "--precision", "fp32"]
+FAST = ["--model", "micro", "--batch-size", "8", "--micro-batch", "8", "--eval-samples", "0",
+        "--sample-every", "-1", "--log-every", "2", "--warmup-epochs", "0.001",
+        "--decay-epochs", "1", "--lr", "3e-3", "--precision", "fp32"]
 
 
 def run(*args, env=None, timeout=300):
     e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=e)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=e)
 
 
 def weights(path, key="model"):
@@ -64,8 +66,8 @@ def same_run(a, b):
     wa, wb = weights(os.path.join(a, "ckpt.pt")), weights(os.path.join(b, "ckpt.pt"))
     # Adam and Muon normalise their updates: float-rounding differences in near-zero gradients
     # (adaLN-Zero weights, t-embedding at step 1) become updates of up to lr = 3e-3. The strict
-    # check is the logged loss and grad norm above; weights are compared below one step's update (a
-    # rank that did not learn fails this)
+    # check is the logged loss and grad norm above; weights are compared below one step's update
+    # (a rank that did not learn fails this)
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=2e-3), k
 
@@ -73,17 +75,19 @@ def same_run(a, b):
 def test_gradient_accumulation_equals_one_batch(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     train.main(FAST + ["--out-dir", a, "--max-steps", "3", "--log-every", "1"])
-    train.main(FAST + ["--out-dir", b, "--max-steps", "3", "--log-every", "1", "--micro-batch", "4"])
+    train.main(FAST + ["--out-dir", b, "--max-steps", "3", "--log-every", "1",
+                       "--micro-batch", "4"])
     same_run(a, b)
 
 
 def test_ddp_two_processes_equal_one(tmp_path):
     a, b = str(tmp_path / "one"), str(tmp_path / "ddp")
     train.main(FAST + ["--out-dir", a, "--max-steps", "3", "--log-every", "1"])
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                        "train.py", *FAST, "--micro-batch", "4", "--out-dir", b, "--max-steps", "3", "--device", "cpu",
-                        "--log-every", "1"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        "--master_port=29517", "train.py", *FAST, "--micro-batch", "4",
+                        "--out-dir", b, "--max-steps", "3", "--device", "cpu", "--log-every", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "world 2" in r.stdout and "batch 8 = 4 x 1 accum x 2" in r.stdout
     same_run(a, b)
@@ -100,15 +104,18 @@ def test_sample_py_grid_and_png_dir(tmp_path):
     assert im.size == (2 * 32, 6 * 32)  # 6 classes (shapes) as rows, 2 columns
     # settings read from the checkpoint
     assert "NFE 6" in r.stdout and '"cfg_scale": 2.5' in r.stdout
-    r = run("sample.py", ck, "--steps", "2", "--num-samples", "5", "--out-dir", str(tmp_path / "pngs"))
+    r = run("sample.py", ck, "--steps", "2", "--num-samples", "5",
+            "--out-dir", str(tmp_path / "pngs"))
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(tmp_path / "pngs")) == [f"{i:06d}.png" for i in range(5)]
-    # sample i depends neither on the batch size nor on the number of processes (torchrun shards the
-    # indices)
-    r = run("sample.py", ck, "--steps", "2", "--num-samples", "5", "--batch-size", "2", "--out-dir", str(tmp_path / "pngs2"))
+    # sample i depends neither on the batch size nor on the number of processes
+    # (torchrun shards the indices)
+    r = run("sample.py", ck, "--steps", "2", "--num-samples", "5", "--batch-size", "2",
+            "--out-dir", str(tmp_path / "pngs2"))
     assert r.returncode == 0, r.stderr
-    r = run("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518", "sample.py", ck,
-            "--steps", "2", "--num-samples", "5", "--device", "cpu", "--out-dir", str(tmp_path / "pngs3"))
+    r = run("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518", "sample.py",
+            ck, "--steps", "2", "--num-samples", "5", "--device", "cpu",
+            "--out-dir", str(tmp_path / "pngs3"))
     assert r.returncode == 0, r.stderr[-2000:]
     for d in ("pngs2", "pngs3"):
         assert sorted(os.listdir(tmp_path / d)) == [f"{i:06d}.png" for i in range(5)]
@@ -126,26 +133,33 @@ def one_line_error(r, text):
 
 def test_bad_inputs_give_one_clear_line(tmp_path):
     one_line_error(run("train.py", "--model", "XXL", "--data", "shapes"), "unknown --model 'XXL'")
-    one_line_error(run("train.py", "--model", "micro", "--data", str(tmp_path / "nope")), "data folder not found")
+    one_line_error(run("train.py", "--model", "micro", "--data", str(tmp_path / "nope")),
+                   "data folder not found")
     bad = tmp_path / "imgs"
     bad.mkdir()
     from PIL import Image
     Image.new("RGB", (40, 40), (200, 10, 10)).save(bad / "ok.PNG")
     (bad / "broken.png").write_bytes(b"not a png at all")
-    one_line_error(run("train.py", *FAST, "--data", str(bad), "--batch-size", "2", "--micro-batch", "2",
-                       "--num-workers", "1", "--out-dir", str(tmp_path / "o")), "broken.png")
+    one_line_error(run("train.py", *FAST, "--data", str(bad), "--batch-size", "2",
+                       "--micro-batch", "2", "--num-workers", "1",
+                       "--out-dir", str(tmp_path / "o")),
+                   "broken.png")
     one_line_error(run("sample.py", str(tmp_path / "missing.pt")), "checkpoint not found")
     (tmp_path / "junk.pt").write_bytes(b"junk")
     one_line_error(run("sample.py", str(tmp_path / "junk.pt")), "not a UNITE checkpoint")
     # another script's checkpoint, each way round
     torch.save({"vae_config": {}, "vae": {}}, tmp_path / "vae.pt")
-    one_line_error(run("sample.py", str(tmp_path / "vae.pt")), "not a UNITE checkpoint (it has no 'config')")
+    one_line_error(run("sample.py", str(tmp_path / "vae.pt")),
+                   "not a UNITE checkpoint (it has no 'config')")
     torch.save({"config": {}, "ema": {}, "model": {}}, tmp_path / "unite.pt")
-    one_line_error(run("train.py", *FAST, "--tokenizer", str(tmp_path / "unite.pt"), "--out-dir", str(tmp_path / "o")),
+    one_line_error(run("train.py", *FAST, "--tokenizer", str(tmp_path / "unite.pt"),
+                       "--out-dir", str(tmp_path / "o")),
                    "not a sendvae.py checkpoint (it has no 'vae_config')")
-    one_line_error(run("train.py", *FAST, "--resume", str(tmp_path / "none.pt"), "--out-dir", str(tmp_path / "o")),
+    one_line_error(run("train.py", *FAST, "--resume", str(tmp_path / "none.pt"),
+                       "--out-dir", str(tmp_path / "o")),
                    "file not found")
-    one_line_error(run("train.py", *FAST, "--resume", str(tmp_path / "vae.pt"), "--out-dir", str(tmp_path / "o")),
+    one_line_error(run("train.py", *FAST, "--resume", str(tmp_path / "vae.pt"),
+                       "--out-dir", str(tmp_path / "o")),
                    "not a train.py checkpoint (it has no 'config')")
 
 
@@ -158,19 +172,22 @@ def test_folder_dataset_and_sigterm_saves(tmp_path):
         for i in range(4):
             Image.new("RGB", (48, 40), col).save(tmp_path / "d" / c / f"{i}.jpg")
     out = tmp_path / "o"
-    p = subprocess.Popen([sys.executable, "train.py", *FAST, "--data", str(tmp_path / "d"), "--batch-size", "4",
-                          "--micro-batch", "4", "--num-workers", "0", "--max-steps", "100000", "--log-every", "1",
-                          "--out-dir", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    p = subprocess.Popen([sys.executable, "train.py", *FAST, "--data", str(tmp_path / "d"),
+                          "--batch-size", "4", "--micro-batch", "4", "--num-workers", "0",
+                          "--max-steps", "100000", "--log-every", "1", "--out-dir", str(out)],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     deadline = time.time() + 120
-    while time.time() < deadline and not (out / "log.txt").exists() or "step 2 " not in open(out / "log.txt").read():
+    while (time.time() < deadline and not (out / "log.txt").exists()
+           or "step 2 " not in open(out / "log.txt").read()):
         time.sleep(0.2)
     p.send_signal(signal.SIGTERM)
     stdout, stderr = p.communicate(timeout=120)
     assert p.returncode == 0, stderr[-2000:]
     assert "SIGTERM: saved" in stdout and "2 classes" in stdout
     ck = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
-    assert ck["config"]["num_classes"] == 2 and ck["class_names"] == ["blue", "red"] and ck["step"] >= 2
+    assert (ck["config"]["num_classes"] == 2 and ck["class_names"] == ["blue", "red"]
+            and ck["step"] >= 2)
 
 
 def test_cifar10_offline_and_corrupt_download(tmp_path, monkeypatch):
@@ -209,8 +226,9 @@ def test_fid_during_training_with_a_test_made_inception_file(tmp_path):
     feats = rng.normal(size=(64, 2048))
     np.savez(tmp_path / "ref.npz", mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
     out = tmp_path / "o"
-    train.main(FAST + ["--out-dir", str(out), "--max-steps", "2", "--fid-ref", str(tmp_path / "ref.npz"),
-                       "--fid-every", "2", "--fid-samples", "3", "--inception", str(w), "--sample-steps", "2"])
+    train.main(FAST + ["--out-dir", str(out), "--max-steps", "2",
+                       "--fid-ref", str(tmp_path / "ref.npz"), "--fid-every", "2",
+                       "--fid-samples", "3", "--inception", str(w), "--sample-steps", "2"])
     log = open(out / "log.txt").read()
     assert "FID-3 " in log and "EMA, heun-2" in log
     f = float(log.split("FID-3 ")[1].split()[0])
@@ -230,7 +248,8 @@ def test_tiny_time_budget_only_guards_the_default_length():
 def test_time_budget_stops_the_loop(tmp_path, capsys, clock):
     """--time-budget (seconds of the loop, wall or CPU clock) ends a run long before --max-steps,
     which still ends cleanly and says so."""
-    train.main(FAST + ["--out-dir", str(tmp_path), "--max-steps", "100000", "--time-budget", "1", "--budget-clock", clock])
+    train.main(FAST + ["--out-dir", str(tmp_path), "--max-steps", "100000", "--time-budget", "1",
+                       "--budget-clock", clock])
     out = capsys.readouterr().out.strip().splitlines()
     res = json.loads(out[-1])
     assert 0 < res["steps"] < 100000 and 1 <= res[{"wall": "wall_s", "cpu": "cpu_s"}[clock]] < 30
@@ -239,8 +258,8 @@ def test_time_budget_stops_the_loop(tmp_path, capsys, clock):
 
 
 def test_shape_acc_matches_generated_labels(monkeypatch):
-    """shape_acc compares the classifier's shape with the class each sample was generated for (i %
-    classes):
+    """shape_acc compares the classifier's shape with the class each sample was generated for
+    (i % classes):
     a generator that draws the right class scores 1, one that is off by one class scores 0."""
     import fid
 
@@ -248,7 +267,8 @@ def test_shape_acc_matches_generated_labels(monkeypatch):
         def __init__(self):
             super().__init__()
             self.anchor = torch.nn.Parameter(torch.zeros(1))
-            self.heads = {"shape": lambda f: torch.nn.functional.one_hot(f[:, 0].round().long(), 6).float()}
+            self.heads = {
+                "shape": lambda f: torch.nn.functional.one_hot(f[:, 0].round().long(), 6).float()}
             self.ref_mu, self.ref_sigma = np.zeros(2), np.eye(2)
 
         def forward(self, x):
@@ -258,18 +278,18 @@ def test_shape_acc_matches_generated_labels(monkeypatch):
     monkeypatch.setattr(fid, "load_shapes_net", lambda: LabelNet())
     args = train.parse_args(["--eval-samples", "30"])
     for offset, want in ((0, 1.0), (1, 0.0)):
-        fake = lambda m, idx, c, seed, **kw: (torch.stack([torch.full((3, 32, 32), ((i + offset) % c) / 10)
-                                                           for i in idx]), 0)
+        fake = lambda m, idx, c, seed, **kw: (
+            torch.stack([torch.full((3, 32, 32), ((i + offset) % c) / 10) for i in idx]), 0)
         monkeypatch.setattr(train, "generate", fake)
         fd, acc = train.fd_shapes_of_samples(ema, 30, 6, args, rank=0, world=1)
         assert acc == want and np.isfinite(fd)
 
 
 def test_shapes_tilt_range_and_bins(monkeypatch):
-    """Shapes v3 tilts by -10..10 degrees in 4 rotation bins. A square tilted by theta fills 1 /
-    (cos + sin)^2 of its bounding box: >= 0.745 for |theta| <= 10 (0.5 at 45 degrees, which version
-    2's 0..90 drew), and the outer bins (5-10 degrees either way) fill less than the inner ones.
-    White shapes on black make the mask exact."""
+    """Shapes v3 tilts by -10..10 degrees in 4 rotation bins. A square tilted by theta fills
+    1 / (cos + sin)^2 of its bounding box: >= 0.745 for |theta| <= 10 (0.5 at 45 degrees, which
+    version 2's 0..90 drew), and the outer bins (5-10 degrees either way) fill less than the inner
+    ones. White shapes on black make the mask exact."""
     import data
     monkeypatch.setattr(data, "COLORS", np.full((8, 3), 250, np.float32))
     monkeypatch.setattr(data, "BACKGROUNDS", np.zeros((4, 3), np.float32))
@@ -292,10 +312,10 @@ def plan_args(*extra):
 
 def test_plan_fake_count_equals_the_real_saved_tensors():
     """--plan counts with fake tensors (shapes only); the same step run for real saves exactly as
-    many bytes, with LPIPS, chunked flow copies and the checkpointed denoising pass (K = 6 > 4:
-    auto)."""
-    args = plan_args("--model", "micro", "--micro-batch", "3", "--batch-size", "6", "--plan-gpus", "2",
-                     "--flow-copies", "6", "--lpips")
+    many bytes, with LPIPS, chunked flow copies and the checkpointed denoising pass
+    (K = 6 > 4: auto)."""
+    args = plan_args("--model", "micro", "--micro-batch", "3", "--batch-size", "6",
+                     "--plan-gpus", "2", "--flow-copies", "6", "--lpips")
     fake, real = train.memory_plan(args, fake=True), train.memory_plan(args, fake=False)
     assert fake["checkpoint_flow"] and fake["activation_bytes"] > 0
     assert fake["activation_bytes"] == real["activation_bytes"]
@@ -322,7 +342,8 @@ def test_plan_paper_presets_fit_80gb(capsys):
         train.main(["--model", m, "--plan"])
         plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert plan["peak_gb_per_gpu"] <= 80 and plan["gpus"] == 8 and plan["flow_copies"] == 14
-        assert plan["checkpoint_flow"] and plan["lpips"] and plan["accum_steps"] * plan["micro_batch"] * 8 == 1024
+        assert (plan["checkpoint_flow"] and plan["lpips"]
+                and plan["accum_steps"] * plan["micro_batch"] * 8 == 1024)
 
 
 def test_periodic_eval_logs_and_keeps_the_best_ema(tmp_path, monkeypatch, capsys):
@@ -337,7 +358,8 @@ def test_periodic_eval_logs_and_keeps_the_best_ema(tmp_path, monkeypatch, capsys
     assert [e["step"] for e in res["evals"]] == [2, 4] and res["evals"][1]["shape_acc"] == 0.4
     best = torch.load(os.path.join(out, "ckpt_best.pt"), map_location="cpu", weights_only=True)
     assert best["step"] == 2 and weights(os.path.join(out, "ckpt.pt"), "step") == 4
-    train.main(FAST + ["--out-dir", out, "--max-steps", "6", "--eval-every", "2", "--resume", "auto"])
+    train.main(FAST + ["--out-dir", out, "--max-steps", "6", "--eval-every", "2",
+                       "--resume", "auto"])
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [e["step"] for e in res["evals"]] == [2, 4, 6]  # kept across --resume
     assert torch.load(os.path.join(out, "ckpt_best.pt"), weights_only=True)["step"] == 6
@@ -365,6 +387,7 @@ def test_lpips_term_in_training(tmp_path, monkeypatch):
     assert calls and recon(with_lp) > recon(without) > 0  # same init and batch: L1 + LPIPS > L1
     monkeypatch.undo()
     monkeypatch.setenv("MINUNITE_CACHE", str(tmp_path / "empty"))
-    monkeypatch.setattr(urllib.request, "urlretrieve", lambda *a: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr(urllib.request, "urlretrieve",
+                        lambda *a: (_ for _ in ()).throw(OSError("offline")))
     with pytest.raises(train.DataError, match="LPIPS weights: .*put the file at"):
         train.main(FAST + ["--out-dir", str(tmp_path / "x"), "--max-steps", "1", "--lpips"])
