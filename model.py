@@ -566,7 +566,14 @@ def l1_loss(recon, images):
 
 class UNITE(nn.Module):
     """The whole model: Generative Encoder (+ a separate denoiser if cfg.separate) and the decoder.
-    forward(images, labels, noise) runs one training step's two passes and returns (loss, stats).
+    forward(images, labels, noise) runs one training step's two passes and returns (loss, stats):
+
+    image ─> GE.tokenize ─> z0 ─> noise-aug ─> decoder ─> x_hat ─> L1 (+ LPIPS) ──────────┐
+                            │                                                             ├─> loss
+                            └─> stop-grad ─> K copies of z_t ─> GE ─> x-pred ─> flow MSE ─┘
+                                             z_t = t z0 + (1 - t) eps
+
+    The flow loss reaches the GE only through the denoising pass (the paper's stop-grad, Tab. 7a).
     Other modalities pass their own input embedding, decoder and recon_loss(decoder_output, input) -> scalar
     (molecules.py); the GE, the flow loss and the samplers are the same."""
 

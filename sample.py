@@ -173,9 +173,10 @@ def evaluate_generation(model, K, kw, args, rank, world, card):
 
 
 def tokenizer_noise(cfg, indices, seed, device):
-    """The tokenizer pass's register noise (B, T, C) and t (B,) for images `indices`, each from its own
-    generator keyed by (seed, index): the released code draws both at random (models/unite.py:186-99);
-    keyed, rFID and PSNR are the same at any batch size and number of GPUs."""
+    """The tokenizer pass's register noise (B, T, C) and t (B,) for images `indices`, each from its
+    own generator keyed by (seed, index): the released code draws both at random
+    (models/unite.py:186-99); keyed, rFID and PSNR are the same at any batch size and number of
+    GPUs."""
     gens = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in indices]
     noise = torch.stack([torch.randn(cfg.num_tokens, cfg.latent_dim, generator=g) for g in gens])
     t = torch.stack([torch.rand((), generator=g) for g in gens]) * cfg.recon_t_max
@@ -203,7 +204,8 @@ def evaluate_reconstruction(model, args, rank, world, card):
     idx = fid.shard(n, rank, world)
     for b, (x, _) in enumerate(loader):
         x = x.to(args.device)
-        noise, t = tokenizer_noise(model.cfg, idx[b * args.batch_size:][:len(x)], args.seed, x.device)
+        noise, t = tokenizer_noise(model.cfg, idx[b * args.batch_size:][:len(x)], args.seed,
+                                   x.device)
         rec, real = fid.quantize_8bit(model.reconstruct(x, noise, t)), fid.quantize_8bit(x)
         rec_feats.append(net(rec).float())
         psnrs.append(fid.psnr_8bit(rec, real)[:, None])
