@@ -3,7 +3,7 @@ Train UNITE: one Generative Encoder (GE) tokenizes and denoises, plus a ViT deco
 
     python train.py                                    # tiny preset, built-in shapes data, CPU
     python train.py --data cifar10 --max-steps 20000   # CIFAR-10 (downloaded once to the cache)
-    python train.py --model B --plan                   # the paper run's memory per GPU, no GPU needed
+    python train.py --model B --plan                   # the paper run's memory per GPU, no GPU
     torchrun --nproc_per_node=8 train.py --model B --data /imagenet/train   # the paper's setting
 
 One training step (model.UNITE.forward inside optim.train_step); the two passes share the GE:
