@@ -4,7 +4,7 @@ patch features. "Boosting Latent Diffusion Models via Disentangled Representatio
 "... via Semantic-Disentangled VAE"), Page, Niu et al., arXiv 2601.05823. Stage 1 of two; stage 2 is
 `python train.py --tokenizer CKPT`.
 
-    python sendvae.py                              # tiny VAE, built-in shapes data, CPU, ~7 minutes
+    python sendvae.py                              # tiny, shapes, CPU: 4-6 min (+2.5 min 1st time)
     python sendvae.py --align-weight 0             # the plain-VAE baseline (same run, no alignment)
     python sendvae.py --probe out_sendvae/ckpt.pt  # attribute probe (section 4.5): per-attribute F1
     torchrun --nproc_per_node=8 sendvae.py --preset f16d32 --data /imagenet/train \\
@@ -12,25 +12,27 @@ patch features. "Boosting Latent Diffusion Models via Disentangled Representatio
 
 One training step (section 3.3, eq. 1-3; L_VAE as REPA-E's configs/l1_lpips_kl_gan.yaml):
 
-    x ─> VAE encoder ─> z ~ q(z|x) ─> VAE decoder ─> x_hat ─ L1 + LPIPS + 1e-6 KL + 0.1 GAN ──┐
-                         │                                                                   ├─> loss
-                         └─> BN ─> z_t = a z + (1-a) eps, a ~ U(0,1) ─> mapper ─> (B, N, D) ┐ │
-    x ─> VFM (frozen; DINOv2: 224 px, last LayerNorm-ed patch tokens) ─> (B, N, D) ─ mean(1 - cos)
-    then the PatchGAN discriminator takes its own hinge-loss step on (x, x_hat.detach()).
-    The alignment reaches the VAE ENCODER through z (scaled by a); the decoder sees only L_VAE. The
-    VAE and the mapper train; the mapper is thrown away afterwards. --align-weight 0 = plain VAE (the
-    mapper still trains, on a detached z, so the alignment cosine is measured the same way).
+    x ─> encoder ─> z ~ q(z|x) ─> decoder ─> x_hat ─ L1 + LPIPS + 1e-6 KL + 0.1 GAN ────────┐
+                     │                                                                      ├─> loss
+                     └─> BN ─> z_t = a z + (1-a) eps, a ~ U(0,1) ─> mapper ─> (B, N, D) ─┐  │
+    x ─> VFM (frozen; DINOv2: 224 px, last LayerNorm-ed patch tokens) ─> (B, N, D) ──────┴──┘
+    The two (B, N, D) meet in L_align = mean over patches of (1 - cos), weight 1. Then the PatchGAN
+    discriminator takes its own hinge-loss step on (x, x_hat.detach()). The alignment reaches the
+    VAE ENCODER through z (scaled by a); the decoder sees only L_VAE. The VAE and the mapper train;
+    the mapper is thrown away afterwards. --align-weight 0 = plain VAE (the mapper still trains, on
+    a detached z, so the alignment cosine is measured the same way).
 
 Runs on one process or under torchrun (gloo on CPU, nccl on GPU) with --batch-size global and
 --micro-batch per process (accumulation derived). Every random draw is keyed by (seed, step, global
 row), and the mapper's BatchNorm uses running statistics updated from the whole global batch, so N
 processes give the run of 1 process at the same global batch; the PatchGAN's BatchNorm uses batch
-statistics per micro-batch (as REPA-E per GPU), so with the GAN on, runs agree at equal --micro-batch.
+statistics per micro-batch (as REPA-E per GPU), so with the GAN on, runs agree at equal
+--micro-batch.
 
-Offline there are no DINOv2 or VGG weights. The tiny default's VFM is a STAND-IN: a small ViT trained
-once on the shapes attributes (cached), a different network from fid.py's ShapesNet that scores
-FD-shapes in stage 2. It was trained on the attributes the probe measures, so its probe gain shows that
-alignment moves what the VFM encodes into the latent; it says nothing about DINOv2.
+Offline there are no DINOv2 or VGG weights. The tiny default's VFM is a STAND-IN: a small ViT
+trained once on the shapes attributes (cached), a different network from fid.py's ShapesNet that
+scores FD-shapes in stage 2. It was trained on the attributes the probe measures, so its probe gain
+shows that alignment moves what the VFM encodes into the latent; it says nothing about DINOv2.
 """
 import argparse
 import contextlib
@@ -75,14 +77,16 @@ def dinov2_file(arch, path=None):
         if not os.path.isfile(path):
             raise DataError(f"DINOv2 weight file not found: {path}")
         if digest and file_hash(path) != digest:
-            print(f"warning: {path} is not the official {arch} file (sha256 differs)", file=sys.stderr)
+            print(f"warning: {path} is not the official {arch} file (sha256 differs)",
+                  file=sys.stderr)
         return path
     path = os.path.join(cache_dir(), f"dinov2_{arch}_pretrain.pth")
     if digest:
         return download(url, path, "sha256", digest)
     if not os.path.isfile(path):
-        raise DataError(f"DINOv2 weights not found: download {url} and put it at {path} (or pass "
-                        f"--vfm FILE); offline, use a stand-in: --vfm shapesvit or --vfm unite:CKPT")
+        raise DataError(f"DINOv2 weights not found: download {url} and put it at {path} (or "
+                        f"pass --vfm FILE); offline, use a stand-in: --vfm shapesvit or "
+                        f"--vfm unite:CKPT")
     print(f"warning: {path}: sha256 not pinned in this code, file not verified", file=sys.stderr)
     return path
 
@@ -94,8 +98,8 @@ class LayerScale(nn.Module):
 
 
 class DinoBlock(ViTBlock):
-    """model.ViTBlock (norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2, LayerNorm eps 1e-6, exact GELU)
-    plus DINOv2's layer scale on both residual branches (ls1.gamma, ls2.gamma)."""
+    """model.ViTBlock (norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2, LayerNorm eps 1e-6, exact
+    GELU) plus DINOv2's layer scale on both residual branches (ls1.gamma, ls2.gamma)."""
 
     def __init__(self, dim, heads):
         super().__init__(dim, heads)
@@ -111,10 +115,11 @@ class DinoBlock(ViTBlock):
 
 
 class DINOv2(nn.Module):
-    """DINOv2 ViT (no registers) loading the official state dict as is (mask_token ignored). The shape
-    is read off the weights: width from cls_token, depth from blocks.N, patch from patch_embed.proj,
-    position grid from pos_embed (37x37 = 518 px / 14), heads = width / 64 (every DINOv2 size).
-    `dims` = (width, depth, patch, pos_grid) builds an untrained one instead (tests, random-vit).
+    """DINOv2 ViT (no registers) loading the official state dict as is (mask_token ignored). The
+    shape is read off the weights: width from cls_token, depth from blocks.N, patch from
+    patch_embed.proj, position grid from pos_embed (37x37 = 518 px / 14), heads = width / 64 (every
+    DINOv2 size). `dims` = (width, depth, patch, pos_grid) builds an untrained one instead (tests,
+    random-vit).
     forward(x): ImageNet-normalised (N, 3, H, W) -> last block's LayerNorm-ed patch tokens
     (N, H/14 * W/14, D), the official `x_norm_patchtokens` (CLS dropped) REPA / REPA-E align to."""
 
@@ -148,13 +153,13 @@ class DINOv2(nn.Module):
 
     def interpolate_pos_encoding(self, h, w):
         """(1, 1 + h*w, D): the 37x37 table resized to the h x w patch grid exactly as the official
-        vision_transformer.py: bicubic, no antialias, size given as scale_factor (grid + 0.1) / 37 (the
-        +0.1 avoids a float round-down, dino issue #8). REPA/REPA-E's load_encoders instead resample
-        the table once with timm's resample_abs_pos_embed; the two differ slightly."""
+        vision_transformer.py: bicubic, no antialias, size given as scale_factor (grid + 0.1) / 37
+        (the +0.1 avoids a float round-down, dino issue #8). REPA/REPA-E's load_encoders instead
+        resample the table once with timm's resample_abs_pos_embed; the two differ slightly."""
         M, D = self.pos_grid, self.pos_embed.shape[-1]
         if (h, w) == (M, M):
             return self.pos_embed
-        patch = self.pos_embed[:, 1:].float().reshape(1, M, M, D).permute(0, 3, 1, 2)  # (1, D, M, M)
+        patch = self.pos_embed[:, 1:].float().reshape(1, M, M, D).permute(0, 3, 1, 2)  # (1,D,M,M)
         patch = F.interpolate(patch, scale_factor=((h + 0.1) / M, (w + 0.1) / M), mode="bicubic")
         assert patch.shape[-2:] == (h, w)
         return torch.cat([self.pos_embed[:, :1], patch.permute(0, 2, 3, 1).reshape(1, h * w, D)], 1)
@@ -171,7 +176,8 @@ class DINOv2(nn.Module):
 
 def dinov2_input(x, size=224):
     """[0, 1] images (B, 3, H, W) -> ImageNet-normalised, bicubic-resized to size x size (REPA-E's
-    preprocess_raw_image order, train_repae.py:44-47: normalise, then resize; 224 px: 16x16 tokens)."""
+    preprocess_raw_image order, train_repae.py:44-47: normalise, then resize; 224 px: 16x16
+    tokens)."""
     mean = torch.tensor(IMAGENET_MEAN, device=x.device)[:, None, None]
     std = torch.tensor(IMAGENET_STD, device=x.device)[:, None, None]
     return F.interpolate((x - mean) / std, size=(size, size), mode="bicubic", align_corners=False)
@@ -181,11 +187,12 @@ def dinov2_input(x, size=224):
 # offline stand-in VFM of the tiny run: a small ViT trained on the shapes attributes, cached
 
 class ShapesViT(nn.Module):
-    """32x32 shapes image in [0, 1] -> (B, 16, dim): 8x8 patches (a 4x4 grid, the tiny latent's grid,
-    so the mapper needs no resampling, as f16 + DINOv2-224 in the paper), learned positions, `depth`
-    pre-norm ViT blocks of 32-d heads, final LayerNorm (as DINOv2's x_norm_patchtokens). Trained with
-    one linear head per attribute on the token mean. Deliberately unlike fid.py's ShapesNet, the
-    FD-shapes scorer: attention instead of convolutions, another seed and batch order."""
+    """32x32 shapes image in [0, 1] -> (B, 16, dim): 8x8 patches (a 4x4 grid, the tiny latent's
+    grid, so the mapper needs no resampling, as f16 + DINOv2-224 in the paper), learned positions,
+    `depth` pre-norm ViT blocks of 32-d heads, final LayerNorm (as DINOv2's x_norm_patchtokens).
+    Trained with one linear head per attribute on the token mean. Deliberately unlike fid.py's
+    ShapesNet, the FD-shapes scorer: attention instead of convolutions, another seed and batch
+    order."""
 
     def __init__(self, dim=96, depth=4, patch=8):
         super().__init__()
@@ -205,7 +212,8 @@ class ShapesViT(nn.Module):
 def train_shapes_vit(steps=3000, seed=1, batch_size=64, lr=1e-3):
     """AdamW (wd 0.05), summed cross-entropy over the attribute heads, 100-step warm-up then linear
     decay; 3000 steps: shape accuracy 0.99, mean over the 7 attributes 0.91 on the test split
-    (ShapesNet: 1.00, 0.91), ~2.3 min on one core. Single-threaded: the same net on every machine."""
+    (ShapesNet: 1.00, 0.91), ~2.3 min on one core. Single-threaded: the same net on every
+    machine."""
     ds = data.shapes_dataset("train")
     x_all, y_all = ds.images, {k: torch.from_numpy(v) for k, v in ds.attrs.items()}
     with torch.random.fork_rng(devices=[]):
@@ -225,7 +233,8 @@ def train_shapes_vit(steps=3000, seed=1, batch_size=64, lr=1e-3):
 
 
 def load_shapes_vit(device="cpu"):
-    """The stand-in ViT, trained once and cached (as fid.load_shapes_net) with its test accuracies."""
+    """The stand-in ViT, trained once and cached (as fid.load_shapes_net) with its test
+    accuracies."""
     path = os.path.join(cache_dir(), f"shapes_vit_d{data.SHAPES_VERSION}.pt")
     if not os.path.exists(path):
         threads, t0 = torch.get_num_threads(), time.time()
@@ -261,7 +270,7 @@ def load_shapes_vit(device="cpu"):
 # the VFM seen as patch tokens: DINOv2, or an explicitly labelled offline stand-in
 
 class FrozenVFM(nn.Module):
-    """forward(x in [0, 1]) -> (B, grid*grid, dim) patch features; frozen, never receives gradients."""
+    """forward(x in [0, 1]) -> (B, grid*grid, dim) patch features; frozen, never gets gradients."""
 
     def __init__(self, net, prep, dim, grid, label, stand_in):
         super().__init__()
@@ -285,7 +294,8 @@ class ShapesTrunk(nn.Module):
 
 
 class UniteFeatures(nn.Module):
-    """A UNITE checkpoint's frozen Generative Encoder as a feature extractor: its tokenizer pass with
+    """A UNITE checkpoint's frozen Generative Encoder as a feature extractor: its tokenizer pass
+    with
     fixed register noise and t = 0 -> (B, K, C) LayerNorm-ed latent tokens on the patch grid."""
 
     def __init__(self, ge):
@@ -300,29 +310,33 @@ class UniteFeatures(nn.Module):
 
 
 def load_vfm(spec, image_size):
-    """--vfm: dinov2_vitb14 | dinov2_vits14 | FILE.pth (DINOv2) | shapesvit | shapesnet | unite:CKPT |
-    random-vit."""
-    if spec.startswith("dinov2_") or (spec.endswith((".pth", ".pt")) and not spec.startswith("unite:")):
-        net = DINOv2(spec[len("dinov2_"):]) if spec.startswith("dinov2_") else DINOv2(weights_path=spec)
-        return FrozenVFM(net, dinov2_input, net.norm.normalized_shape[0], 16, f"DINOv2 {spec}", False)
+    """--vfm: dinov2_vitb14 | dinov2_vits14 | FILE.pth (DINOv2) | shapesvit | shapesnet | unite:CKPT
+    | random-vit."""
+    official = spec.startswith("dinov2_")
+    if official or (spec.endswith((".pth", ".pt")) and not spec.startswith("unite:")):
+        net = DINOv2(spec[len("dinov2_"):]) if official else DINOv2(weights_path=spec)
+        return FrozenVFM(net, dinov2_input, net.norm.normalized_shape[0], 16, f"DINOv2 {spec}",
+                         False)
     if spec in ("shapesvit", "shapesnet") and image_size != 32:
-        raise DataError(f"--vfm {spec} needs 32x32 images (it is trained on the built-in shapes data)")
+        raise DataError(f"--vfm {spec} needs 32x32 images (trained on the built-in shapes data)")
     if spec == "shapesvit":
         return FrozenVFM(load_shapes_vit(), lambda x: x, 96, 4,
-                         "STAND-IN shapesvit: a small ViT trained on the shapes attributes (seed 1), "
-                         "not fid.py's ShapesNet that scores FD-shapes; not DINOv2", True)
-    if spec == "shapesnet":  # the earlier stand-in: the FD-shapes scorer itself (circular in stage 2)
+                         "STAND-IN shapesvit: a small ViT trained on the shapes attributes "
+                         "(seed 1), not fid.py's ShapesNet that scores FD-shapes; not DINOv2", True)
+    if spec == "shapesnet":  # the earlier stand-in: the FD-shapes scorer itself (stage 2: circular)
         import fid
         return FrozenVFM(ShapesTrunk(fid.load_shapes_net()), lambda x: x, 64, 4,
-                         "STAND-IN shapesnet: fid.py's ShapesNet conv trunk (the FD-shapes scorer), "
-                         "not DINOv2", True)
+                         "STAND-IN shapesnet: fid.py's ShapesNet conv trunk (the FD-shapes "
+                         "scorer), not DINOv2", True)
     if spec.startswith("unite:"):
         path = spec[len("unite:"):]
         m = load_unite(path)
         if m.cfg.image_size != image_size:
-            raise DataError(f"--vfm {spec}: trained at {m.cfg.image_size} px, the VAE is {image_size}")
+            raise DataError(f"--vfm {spec}: trained at {m.cfg.image_size} px, the VAE is "
+                            f"{image_size}")
         return FrozenVFM(UniteFeatures(m.encoder), lambda x: x, m.cfg.latent_dim, m.cfg.grid,
-                         f"STAND-IN unite:{path}: a frozen UNITE Generative Encoder, not DINOv2", True)
+                         f"STAND-IN unite:{path}: a frozen UNITE Generative Encoder, not DINOv2",
+                         True)
     if spec == "random-vit":  # meaningless features: tests only
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -330,8 +344,8 @@ def load_vfm(spec, image_size):
         size = 224 if image_size >= 224 else 56
         return FrozenVFM(net, lambda x: dinov2_input(x, size), 64, size // 14,
                          "STAND-IN random-vit: an untrained ViT (tests only), not DINOv2", True)
-    raise DataError(f"unknown --vfm {spec!r}: dinov2_vitb14, dinov2_vits14, a .pth file, shapesvit, "
-                    f"shapesnet, unite:CKPT, random-vit")
+    raise DataError(f"unknown --vfm {spec!r}: dinov2_vitb14, dinov2_vits14, a .pth file, "
+                    f"shapesvit, shapesnet, unite:CKPT, random-vit")
 
 
 # -----------------------------------------------------------------------------
@@ -360,11 +374,19 @@ class Mapper(nn.Module):
     batch after each step: REPA-E's VAE-side alignment runs its SiT's BN in eval mode
     (train_repae.py:373-374, "Avoid BN stats to be updated by the VAE") and updates the statistics
     in the SiT's own pass with SyncBatchNorm (train_repae.py:211-212, models/sit.py). It also makes
-    the loss independent of how the global batch is split over processes and micro-steps."""
+    the loss independent of how the global batch is split over processes and micro-steps. Its
+    gradient does not see the normalisation, so the encoder can gain SNR against the unit noise by
+    growing z until the statistics catch up. batch_stats=True (--bn-stats batch) normalises each
+    micro-batch by its own statistics, with the gradient through them (scale-invariant; BatchNorm's
+    usual training mode); runs then agree only at equal --micro-batch. Tiny default, seeds 0 / 1,
+    600 steps: running: KL ~20k, PSNR 18.2 / 15.9 dB, probe F1 0.73 / 0.66; batch: KL ~1.2k,
+    16.4 / 17.9 dB, F1 0.78 / 0.82; plain VAE (--align-weight 0): KL ~0.8k, 20.6 / 18.6 dB,
+    F1 0.70 / 0.68."""
 
-    def __init__(self, z_channels, latent_grid, vfm_dim, vfm_grid, depth=1, proj_dim=2048):
+    def __init__(self, z_channels, latent_grid, vfm_dim, vfm_grid, depth=1, proj_dim=2048,
+                 batch_stats=False):
         super().__init__()
-        D, self.vfm_grid = vfm_dim, vfm_grid
+        D, self.vfm_grid, self.batch_stats = vfm_dim, vfm_grid, batch_stats
         p = max(1, latent_grid // vfm_grid)
         self.bn = nn.BatchNorm2d(z_channels, affine=False, eps=1e-4, momentum=0.1)  # REPA-E's
         self.patch_embed = nn.Conv2d(z_channels, D, p, p)
@@ -375,7 +397,7 @@ class Mapper(nn.Module):
 
     def train(self, mode=True):
         super().train(mode)
-        self.bn.eval()  # running statistics only (see the class docstring)
+        self.bn.train(mode and self.batch_stats)  # running statistics unless --bn-stats batch
         return self
 
     @torch.no_grad()
@@ -423,7 +445,7 @@ class SendVAE(nn.Module):
         self.vae, self.mapper = vae, mapper
 
     def forward(self, x, noise, feats, detach_align=False):
-        mean, logvar = self.vae.encode(x)                                         # (B, C, h, w) each
+        mean, logvar = self.vae.encode(x)                                         # (B, C, h, w)
         z = mean + (0.5 * logvar).exp() * noise["post"]                           # posterior sample
         recon = self.vae.decode(z)                                                # (B, 3, H, W)
         align, cos = alignment(self.mapper, z.detach() if detach_align else z, feats,
@@ -447,21 +469,22 @@ def step_noise(zshape, seed, step, rows, device, align_noise=True):
     return out
 
 
-# -----------------------------------------------------------------------------
-# L_VAE: REPA-E's loss (loss/losses.py ReconstructionLoss_Single_Stage, configs/l1_lpips_kl_gan.yaml)
+# ----------------------------------------------------------------------------- L_VAE: REPA-E's loss
+# (loss/losses.py ReconstructionLoss_Single_Stage, configs/l1_lpips_kl_gan.yaml)
 
 class NLayerDiscriminator(nn.Module):
-    """PatchGAN as taming-transformers / REPA-E loss/discriminator.py (input_nc 3, ndf 64, n_layers 3,
-    BatchNorm, no ActNorm), same module names (main.N.*), so REPA-E's *-discriminator-ckpt.pt and
-    an LDM checkpoint's loss.discriminator.* load as they are. (B, 3, H, W) in [-1, 1] -> (B, 1, h, w)
-    patch logits (30x30 at 256 px)."""
+    """PatchGAN as taming-transformers / REPA-E loss/discriminator.py (input_nc 3, ndf 64, n_layers
+    3, BatchNorm, no ActNorm), same module names (main.N.*), so REPA-E's *-discriminator-ckpt.pt and
+    an LDM checkpoint's loss.discriminator.* load as they are. (B, 3, H, W) in [-1, 1] ->
+    (B, 1, h, w) patch logits (30x30 at 256 px)."""
 
     def __init__(self, ndf=64, n_layers=3):
         super().__init__()
         layers, mult = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)], 1
         for n in range(1, n_layers + 1):  # stride 2, except the last: stride 1
             prev, mult = mult, min(2 ** n, 8)
-            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, 2 if n < n_layers else 1, 1, bias=False),
+            stride = 2 if n < n_layers else 1
+            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride, 1, bias=False),
                        nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, True)]
         self.main = nn.Sequential(*layers, nn.Conv2d(ndf * mult, 1, 4, 1, 1))
         for m in self.modules():  # weights_init, loss/discriminator.py:98-104
@@ -524,7 +547,8 @@ VAE_KEYS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 def find_vae_weights(ck):
     """(AutoencoderKL state dict, layout) of a loaded file; our module names are LDM's (model.py).
     - sendvae.py: {"vae_config", "vae", ...}
-    - REPA-E train_repae.py checkpoint: {"vae", "discriminator", "ema", ...} (train_repae.py:482-492)
+    - REPA-E train_repae.py checkpoint: {"vae", "discriminator", "ema", ...}
+      (train_repae.py:482-492)
     - REPA-E VAE file (README pretrained/*/*.pt, save_vae_weights.py output): the bare state dict
     - LDM / VA-VAE (hustvl/LightningDiT): {"state_dict": {...}} plus loss.* (LPIPS, discriminator)
       and VA-VAE's foundation-model / projection keys, skipped as LightningDiT's init_from_ckpt does
@@ -545,50 +569,69 @@ def find_vae_weights(ck):
     return out, layout
 
 
+def read_weights(path, what):
+    """torch.load with weights_only (tensors and plain containers; also argparse.Namespace, which
+    REPA-E's train checkpoints hold under "args"). Anything else: one DataError line."""
+    if not os.path.isfile(path):
+        raise DataError(f"{what} {path}: file not found")
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"{what} {path}: not a weights file readable with weights_only=True "
+                        f"({type(e).__name__}); re-save just its state dict with torch.save") \
+            from None
+
+
+def preset_shapes(cfg):
+    with torch.device("meta"):  # shapes only, nothing allocated
+        return {k: v.shape for k, v in AutoencoderKL(cfg).state_dict().items()}
+
+
 def load_init(path, vcfg):
     """--init FILE -> (AutoencoderKL, VAEConfig, layout). A sendvae.py checkpoint brings its config;
     any other layout must match --preset's shapes exactly. Otherwise one DataError line naming the
     first missing or mismatched tensor (and the preset the file does match, if any)."""
-    ck = load_checkpoint(path, "VAE ")
+    ck = read_weights(path, "--init")
     sd, layout = find_vae_weights(ck)
     if layout == "sendvae.py":
         vcfg = VAEConfig(**ck["vae_config"])
     vae = AutoencoderKL(vcfg)
     own = vae.state_dict()
     missing = [k for k in own if k not in sd]
-    if missing:
-        raise DataError(f"--init {path} ({layout}): no AutoencoderKL weight {missing[0]!r} "
-                        f"({len(missing)} of {len(own)} missing; expected LDM / REPA-E names "
-                        f"encoder.*, decoder.*, quant_conv.*, post_quant_conv.*)")
     extra = [k for k in sd if k not in own]
-    bad = [k for k in own if sd[k].shape != own[k].shape]
-    if extra or bad:
-        fits = [n for n, p in VAE_PRESETS.items() if p.get("resolution", 256) == vcfg.resolution
-                and {k: v.shape for k, v in AutoencoderKL.__new__(AutoencoderKL).__class__(
-                    VAEConfig(**p)).state_dict().items()} == {k: v.shape for k, v in sd.items()}]
-        what = f"{bad[0]!r} has shape {tuple(sd[bad[0]].shape)}, expected " \
-               f"{tuple(own[bad[0]].shape)}" if bad else f"unexpected tensor {extra[0]!r}"
-        raise DataError(f"--init {path} ({layout}) is not this VAE: {what}"
-                        + (f"; it matches --preset {fits[0]}" if fits else ""))
+    bad = [k for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or extra or bad:
+        if missing:
+            what = (f"no AutoencoderKL weight {missing[0]!r} ({len(missing)} of {len(own)} "
+                    f"missing; expected LDM / REPA-E names encoder.*, decoder.*, quant_conv.*, "
+                    f"post_quant_conv.*)")
+        else:
+            what = (f"{bad[0]!r} has shape {tuple(sd[bad[0]].shape)}, expected "
+                    f"{tuple(own[bad[0]].shape)}" if bad else f"unexpected tensor {extra[0]!r}")
+        shapes = {k: v.shape for k, v in sd.items()}
+        fits = [n for n, p in VAE_PRESETS.items() if sd and preset_shapes(VAEConfig(**p)) == shapes]
+        raise DataError(f"--init {path} ({layout}): {what}"
+                        + (f"; the file matches --preset {fits[0]}" if fits else ""))
     vae.load_state_dict(sd)
     return vae, vcfg, layout
 
 
 def load_disc(path, disc):
     """--disc-init FILE: REPA-E's *-discriminator-ckpt.pt (a bare NLayerDiscriminator state dict), a
-    REPA-E train checkpoint ("discriminator"), an LDM / VA-VAE file (state_dict loss.discriminator.*)
-    or a sendvae.py checkpoint ("disc"). Wrong file: one DataError line."""
-    ck = load_checkpoint(path, "discriminator ")
-    sd = ck.get("discriminator", ck.get("disc", ck))
-    if "state_dict" in ck:
+    REPA-E train checkpoint ("discriminator"), an LDM / VA-VAE file (state_dict
+    loss.discriminator.*) or a sendvae.py checkpoint ("disc"). Wrong file: one DataError line."""
+    ck = read_weights(path, "--disc-init")
+    sd = ck.get("discriminator", ck.get("disc", ck)) if isinstance(ck, dict) else None
+    if isinstance(ck, dict) and "state_dict" in ck:
         p = "loss.discriminator."
         sd = {k[len(p):]: v for k, v in ck["state_dict"].items() if k.startswith(p)}
     try:
         disc.load_state_dict(sd)
     except Exception as e:
-        line = (str(e).splitlines() or ["?"])[min(1, len(str(e).splitlines()) - 1)].strip()
-        raise DataError(f"--disc-init {path}: not a 3-layer ndf-64 PatchGAN state dict ({line})") \
-            from None
+        msg = str(e).splitlines() or [type(e).__name__]
+        raise DataError(f"--disc-init {path}: not a 3-layer ndf-64 PatchGAN state dict "
+                        f"({msg[min(1, len(msg) - 1)].strip()})") from None
 
 
 # -----------------------------------------------------------------------------
@@ -622,10 +665,10 @@ def f1_score(pred, true, n_values):
 
 def fit_logistic(X, Y, sizes, lam, steps=300):
     """Multinomial logistic regression for every attribute at once: attribute j has its own softmax
-    over sizes[j] values (its own block of columns), minimising sum_j [mean CE_j + lam_j / 2 |W_j|^2]
-    (bias free) by full-batch L-BFGS from zero. The blocks do not interact, so this is len(sizes)
-    independent regressions in one solver. X (N, F) standardised, Y (N, A) long, lam (A,).
-    Returns (W (F, sum sizes), b)."""
+    over sizes[j] values (its own block of columns), minimising sum_j [mean CE_j + lam_j / 2
+    |W_j|^2] (bias free) by full-batch L-BFGS from zero. The blocks do not interact, so this is
+    len(sizes) independent regressions in one solver. X (N, F) standardised, Y (N, A) long, lam
+    (A,). Returns (W (F, sum sizes), b)."""
     W = torch.zeros(X.shape[1], sum(sizes), device=X.device, requires_grad=True)
     b = torch.zeros(sum(sizes), device=X.device, requires_grad=True)
     reg = torch.cat([torch.full((n,), float(l), device=X.device) for n, l in zip(sizes, lam)])
@@ -670,10 +713,11 @@ def linear_probe(x_train, labels_train, x_test, labels_test, val_frac=0.2, seed=
 
 
 def celeba_probe_data(folder, size, n, nt):
-    """CelebA: folder with list_attr_celeba.txt and the images (in folder/ or folder/img_align_celeba/)
-    center-cropped to size. With list_eval_partition.txt: the first n of the official train
-    partition and the first nt of the test partition; without: the first n, then the next nt.
-    Returns ((images uint8, {attribute: 0/1}) for train, the same for test, split description)."""
+    """CelebA: folder with list_attr_celeba.txt and the images (in folder/ or
+    folder/img_align_celeba/) center-cropped to size. With list_eval_partition.txt: the first n of
+    the official train partition and the first nt of the test partition; without: the first n, then
+    the next nt. Returns ((images uint8, {attribute: 0/1}) for train, the same for test, split
+    description)."""
     attr_file = os.path.join(folder, "list_attr_celeba.txt")
     if not os.path.isfile(attr_file):
         raise DataError(f"--probe-data {folder}: no list_attr_celeba.txt there")
@@ -687,7 +731,7 @@ def celeba_probe_data(folder, size, n, nt):
         how = "official CelebA partition: train -> test"
     else:
         tr, te = rows[:n], rows[n:n + nt]
-        how = "list_attr_celeba.txt order: first images -> the next ones (no list_eval_partition.txt)"
+        how = "list_attr_celeba.txt order: first -> next images (no list_eval_partition.txt)"
     img_dir = os.path.join(folder, "img_align_celeba")
     img_dir = img_dir if os.path.isdir(img_dir) else folder
 
@@ -716,8 +760,8 @@ def probe_figures(vae, args, size):
 
 
 def print_probe(f1, mean, source, split):
-    print(f"attribute probe on {source} (multinomial logistic regression on standardised, flattened "
-          f"posterior means; F1, macro over values): {split}")
+    print(f"attribute probe on {source} (multinomial logistic regression on standardised, "
+          f"flattened posterior means; F1, macro over values): {split}")
     print("  " + "  ".join(f"{k} {v:.3f}" for k, v in f1.items()) + f"  | mean {mean:.3f}")
 
 
@@ -728,18 +772,21 @@ def print_probe(f1, mean, source, split):
 # init, 80 epochs of ImageNet, global batch 1024, AdamW 3e-4; the rest as REPA-E train_repae.py:
 # betas 0.9 / 0.999, weight decay 0, eps 1e-8 (:577-580), grad clip 1.0 (:581, :396, :405), constant
 # lr with no warm-up (it has no scheduler), discriminator AdamW 1e-4 (:609) from step 0
-# (l1_lpips_kl_gan.yaml discriminator_start), no EMA of the VAE (its only EMA is the SiT's, :193/:437;
-# save_vae_weights.py exports ckpt["vae"], the raw weights).
-# Paper micro-batch 32 per GPU (1024 = 32 x 4 accum x 8 GPUs): f16d32 at 256 px with LPIPS and the
-# GAN, bf16 autocast (losses in fp32 as REPA-E), fused attention, saved activations counted on the
-# step with fake tensors: 0.59 GB per image (VAE 0.46, LPIPS 0.12, PatchGAN + mapper 0.01) + 2.4 GB of
-# states (VAE + mapper weights, grads, DDP buckets, AdamW; DINOv2-B, VGG16, discriminator) = 21.3 GB
-# at 32 and 40.2 GB at 64 per GPU, both under 80 GB: /work/scratch/sendvae_mem.py (outside the repo),
-# `python sendvae_mem.py 32 64`. 32 leaves room for the allocator, cuDNN workspaces and the
-# discriminator step; 64 (accum 2) also fits.
+# (l1_lpips_kl_gan.yaml discriminator_start), no EMA of the VAE (its only EMA is the SiT's,
+# :193/:437; save_vae_weights.py exports ckpt["vae"], the raw weights).
+# Paper micro-batch 32 per GPU (1024 = 32 x 4 accum x 8 GPUs). Saved activations of f16d32 at
+# 256 px counted on the step with fake tensors (bf16 autocast, fused attention as on a GPU; equal to
+# the real count at micro-batch 1): 1.05 GB per image = VAE + mapper 0.87 (bf16) + LPIPS and the
+# GAN generator term 0.18 (fp32, as REPA-E); D's own step afterwards 0.03. States 2.1 GB (VAE +
+# mapper 84.3M: weights, grads, DDP buckets, AdamW; frozen DINOv2-B and VGG16; D 2.8M + AdamW).
+# Per GPU >= 35.7 GB at 32 and >= 69.1 GB at 64: 64 fits only as a lower bound (no allocator
+# fragmentation, cuDNN workspaces, CUDA context), so 32. Count: `python sendvae_mem.py 32 64` with
+# the scratch script /work/scratch/sendvae_mem.py (outside the repo; saved_tensors_hooks as
+# train.py's saved_bytes).
 # tiny: L1 + KL + alignment only. LPIPS needs VGG16 weights (none offline) and its 256-px-scale VGG
-# features are meaningless on 32 px images (relu5_3 would be 2x2); the GAN roughly doubles the step
-# (3 discriminator passes + its backward) for a CPU budget where the VAE is still under-trained.
+# features are meaningless on 32 px images (relu5_3 would be 2x2); the GAN (3 discriminator passes +
+# its backward) makes a tiny step 2.4x as expensive (60 steps: 24.7 vs 10.1 CPU-s) in a CPU budget
+# where the VAE is still under-trained.
 RUNS = {
     "tiny": dict(data="shapes", vfm="shapesvit", batch_size=32, micro_batch=0, lr=1e-3, epochs=None,
                  max_steps=600, warmup_steps=20, proj_dim=256, lpips_weight=0.0, gan_weight=0.0),
@@ -752,22 +799,24 @@ RUNS = {
 def parse_args(argv=None):
     t, p_ = RUNS["tiny"], RUNS["paper"]
     by = lambda k: f" (tiny: {t[k]}; f16d32 / f8d4: {p_[k]})"  # preset-dependent defaults
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+    p = argparse.ArgumentParser(description="Send-VAE (arXiv 2601.05823): VAE fine-tuning with the "
+                                "noised-latent alignment to VFM patch features",
                                 formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=list(VAE_PRESETS),
                    help="VAE shape (model.VAE_PRESETS; default %(default)s)")
     p.add_argument("--data", default=None, help="shapes | cifar10 | image folder" + by("data"))
     p.add_argument("--init", default="", help="VAE to fine-tune: a sendvae.py checkpoint, or an "
                    "AutoencoderKL file in LDM / REPA-E / VA-VAE layout\n(the paper: VA-VAE f16d32)")
-    p.add_argument("--disc-init", default="", help="PatchGAN weights (REPA-E *-discriminator-ckpt.pt, "
-                   "an LDM/VA-VAE file's loss.discriminator.*);\ndefault: random init as REPA-E")
+    p.add_argument("--disc-init", default="", help="PatchGAN weights (REPA-E "
+                   "*-discriminator-ckpt.pt, an LDM/VA-VAE file's loss.discriminator.*);\n"
+                   "default: random init as REPA-E")
     p.add_argument("--out-dir", default="out_sendvae", help="default %(default)s")
     p.add_argument("--resume", default="", help="'' (fresh, default) | auto (out-dir/ckpt.pt if "
                    "present) | PATH")
     # the alignment (section 3.3) and its ablations (Tab. 2, 3)
-    p.add_argument("--vfm", default=None, help="dinov2_vitb14 | dinov2_vits14 | FILE.pth | shapesvit "
-                   "(stand-in) | shapesnet (old stand-in) |\nunite:CKPT (stand-in) | random-vit (tests)"
-                   + by("vfm"))
+    p.add_argument("--vfm", default=None, help="dinov2_vitb14 | dinov2_vits14 | FILE.pth | "
+                   "shapesvit (stand-in) | shapesnet (old stand-in) |\nunite:CKPT (stand-in) | "
+                   "random-vit (tests)" + by("vfm"))
     p.add_argument("--align-weight", type=float, default=1.0,
                    help="lambda_align (paper %(default)s); 0 = plain VAE")
     p.add_argument("--mapper-depth", type=int, default=1, choices=[0, 1, 2],
@@ -775,13 +824,19 @@ def parse_args(argv=None):
     p.add_argument("--align-noise", action=argparse.BooleanOptionalAction, default=True,
                    help="noise the latent before the mapper (alpha ~ U(0,1)); --no-align-noise = "
                    "Tab. 3 'off'")
-    p.add_argument("--proj-dim", type=int, default=None, help="mapper MLP hidden width" + by("proj_dim"))
+    p.add_argument("--proj-dim", type=int, default=None,
+                   help="mapper MLP hidden width" + by("proj_dim"))
+    p.add_argument("--bn-stats", default="running", choices=["running", "batch"],
+                   help="the mapper's latent BatchNorm: running statistics from the global batch\n"
+                   "(REPA-E's eval-mode BN; default) or each micro-batch's own (Mapper docstring)")
     # L_VAE (REPA-E configs/l1_lpips_kl_gan.yaml); 0 switches a term off
-    p.add_argument("--lpips-weight", type=float, default=None, help="LPIPS (VGG16)" + by("lpips_weight"))
+    p.add_argument("--lpips-weight", type=float, default=None,
+                   help="LPIPS (VGG16)" + by("lpips_weight"))
     p.add_argument("--kl-weight", type=float, default=1e-6, help="default %(default)s")
     p.add_argument("--gan-weight", type=float, default=None,
                    help="hinge PatchGAN generator term" + by("gan_weight"))
-    p.add_argument("--disc-lr", type=float, default=1e-4, help="discriminator AdamW (default %(default)s)")
+    p.add_argument("--disc-lr", type=float, default=1e-4,
+                   help="discriminator AdamW (default %(default)s)")
     p.add_argument("--disc-start", type=int, default=0,
                    help="step at which the GAN term and D's training start (default %(default)s)")
     # optimisation
@@ -789,11 +844,14 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch", type=int, default=None,
                    help="per process per micro-step; 0 = batch / processes" + by("micro_batch"))
     p.add_argument("--lr", type=float, default=None, help="AdamW" + by("lr"))
-    p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up" + by("warmup_steps"))
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warm-up" + by("warmup_steps"))
     p.add_argument("--epochs", type=float, default=None, help="training length" + by("epochs"))
-    p.add_argument("--max-steps", type=int, default=None, help="overrides --epochs" + by("max_steps"))
-    p.add_argument("--time-budget", type=float, default=0, help="also stop after this many CPU-seconds "
-                   "of the loop (0 = off, default; bench.py)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="overrides --epochs" + by("max_steps"))
+    p.add_argument("--time-budget", type=float, default=0,
+                   help="also stop after this many CPU-seconds of the loop (0 = off, default; "
+                   "bench.py)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="default %(default)s")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="autocast; auto = bf16 where fast (default %(default)s)")
@@ -805,7 +863,8 @@ def parse_args(argv=None):
     p.add_argument("--ckpt-every", type=int, default=500,
                    help="checkpoint every N steps (-1 = only at the end; default %(default)s)")
     # evaluation and the probe
-    p.add_argument("--probe", default="", metavar="CKPT", help="only run the attribute probe on this")
+    p.add_argument("--probe", default="", metavar="CKPT",
+                   help="only run the attribute probe on this checkpoint")
     p.add_argument("--probe-data", default="", help="CelebA folder (list_attr_celeba.txt); "
                    "default: shapes")
     p.add_argument("--probe-train", type=int, default=4000,
@@ -852,9 +911,9 @@ class UniteTokenizer(UniteFeatures):
 
 
 def load_probe_target(path):
-    """--probe CKPT: a sendvae.py checkpoint (its VAE's posterior means) or a train.py UNITE checkpoint
-    (the EMA Generative Encoder's tokens), so bench.py's ablation probes both kinds the same way.
-    Returns (module with .encode, image size, description)."""
+    """--probe CKPT: a sendvae.py checkpoint (its VAE's posterior means) or a train.py UNITE
+    checkpoint (the EMA Generative Encoder's tokens), so bench.py's ablation probes both kinds the
+    same way. Returns (module with .encode, image size, description)."""
     ck = load_checkpoint(path)
     if "vae" in ck:
         vae, ck = load_vae(path, ck)
@@ -866,8 +925,8 @@ def load_probe_target(path):
 
 @torch.no_grad()
 def evaluate(vae, mapper, vfm, images, align_noise, seed, batch=250):
-    """(PSNR in dB of the posterior-mean reconstruction, mean alignment cosine) on images (N, 3, H, W)
-    uint8. The cosine uses noise of a fixed seed when --align-noise, else the clean latent."""
+    """(PSNR in dB of the posterior-mean reconstruction, mean alignment cosine) on images (N, 3, H,
+    W) uint8. The cosine uses noise of a fixed seed when --align-noise, else the clean latent."""
     dev, g = next(vae.parameters()).device, torch.Generator().manual_seed(seed)
     mapper.eval()
     psnr, cos = [], []
@@ -885,8 +944,8 @@ def evaluate(vae, mapper, vfm, images, align_noise, seed, batch=250):
 
 def run_probe(args):
     vae, size, label = load_probe_target(args.probe)
-    dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                       "cpu" if args.device == "auto" else args.device)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(auto if args.device == "auto" else args.device)
     f1, mean, lams, split = probe_figures(vae.to(dev), args, size)
     print(f"{args.probe}: {label}")
     print_probe(f1, mean, args.probe_data or "shapes", split)
@@ -909,13 +968,15 @@ def main(argv=None):
     vae.to(device).train()
     vfm = load_vfm(args.vfm, vcfg.resolution) if rank == 0 else None  # rank 0 trains a stand-in ...
     if world > 1:
-        dist.barrier()                                                  # ... the others read its cache
+        dist.barrier()                                                  # ... the others read it
     vfm = (vfm or load_vfm(args.vfm, vcfg.resolution)).to(device)
     if args.data is None:
-        raise DataError(f"--data is required for --preset {args.preset} (an image folder, or cifar10)")
+        raise DataError(f"--data is required for --preset {args.preset} (an image folder or "
+                        f"cifar10)")
     ds = get_dataset(args.data, vcfg.resolution, "train")
     g_lat = vcfg.resolution // vcfg.factor
-    mapper = Mapper(vcfg.z_channels, g_lat, vfm.dim, vfm.grid, args.mapper_depth, args.proj_dim)
+    mapper = Mapper(vcfg.z_channels, g_lat, vfm.dim, vfm.grid, args.mapper_depth, args.proj_dim,
+                    args.bn_stats == "batch")
     raw = SendVAE(vae, mapper.to(device)).train()
     disc = NLayerDiscriminator().to(device).train() if args.gan_weight > 0 else None  # train mode
     if disc is not None and args.disc_init:  # as REPA-E, whose loss module is never put in eval
@@ -942,20 +1003,24 @@ def main(argv=None):
         if ck["vae_config"] != asdict(vcfg) or (disc is None) != (ck.get("disc") is None):
             raise DataError(f"{resume} was trained with another VAE config or GAN setting; use "
                             f"another --out-dir")
-        vae.load_state_dict(ck["vae"])
-        mapper.load_state_dict(ck["mapper"])
-        opt.load_state_dict(ck["optimizer"])
-        if disc is not None:
-            disc.load_state_dict(ck["disc"])
-            opt_d.load_state_dict(ck["disc_optimizer"])
+        try:
+            vae.load_state_dict(ck["vae"])
+            mapper.load_state_dict(ck["mapper"])
+            opt.load_state_dict(ck["optimizer"])
+            if disc is not None:
+                disc.load_state_dict(ck["disc"])
+                opt_d.load_state_dict(ck["disc_optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise DataError(f"{resume}: another mapper / VFM / optimizer setting "
+                            f"({type(e).__name__}); use another --out-dir") from None
         step = ck["step"]
     elif args.resume not in ("", "auto"):
         raise DataError(f"--resume {args.resume}: file not found")
-    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None,
-                broadcast_buffers=False) if world > 1 else raw  # BN buffers: kept equal by update_bn
+    ids = [device.index] if device.type == "cuda" else None
+    # the mapper's BN buffers are kept equal by update_bn (no broadcast needed)
+    model = DDP(raw, device_ids=ids, broadcast_buffers=False) if world > 1 else raw
     # D's BatchNorm runs on batch statistics; DDP's default buffer broadcast as accelerate does
-    disc_ddp = DDP(disc, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 and disc is not None else disc
+    disc_ddp = DDP(disc, device_ids=ids) if world > 1 and disc is not None else disc
 
     os.makedirs(args.out_dir, exist_ok=True)
     log = open(os.path.join(args.out_dir, "log.txt"), "a") if rank == 0 else None
@@ -964,15 +1029,16 @@ def main(argv=None):
         p0(f"resumed from {resume} at step {step}")
     terms = [n for n, w in (("L1", 1), ("LPIPS", args.lpips_weight), ("KL", args.kl_weight),
                             ("GAN", args.gan_weight), ("align", args.align_weight)) if w > 0]
-    p0(f"Send-VAE {args.preset}: VAE {count_params(vae) / 1e6:.2f}M (latent {vcfg.z_channels}x{g_lat}"
-       f"x{g_lat}; {layout}{' ' + args.init if args.init else ''}), mapper "
+    p0(f"Send-VAE {args.preset}: VAE {count_params(vae) / 1e6:.2f}M (latent {vcfg.z_channels}x"
+       f"{g_lat}x{g_lat}; {layout}{' ' + args.init if args.init else ''}), mapper "
        f"{count_params(mapper) / 1e6:.2f}M (depth {args.mapper_depth}, noise {args.align_noise}), "
        f"align weight {args.align_weight} | loss: {' + '.join(terms)} | VFM: {vfm.label} "
        f"({vfm.grid}x{vfm.grid} tokens of {vfm.dim}) | data {args.data}: {len(ds)} images | "
        f"{device}, {precision}, world {world} | batch {args.batch_size} = {args.micro_batch} x "
        f"{accum} accum x {world} | {total} steps ({steps_per_epoch} per epoch) | lr {args.lr:.1e}")
     p0("args: " + json.dumps(vars(args)))
-    workers = args.num_workers if args.num_workers is not None else 0 if hasattr(ds, "images") else 8
+    workers = args.num_workers if args.num_workers is not None else \
+        0 if hasattr(ds, "images") else 8
     loader = iter(torch.utils.data.DataLoader(
         ds, num_workers=workers, pin_memory=device.type == "cuda",
         batch_sampler=batch_indices(len(ds), args.batch_size, args.seed, step, accum, world, rank)))
@@ -1002,14 +1068,17 @@ def main(argv=None):
     t0 = t_start = time.time()
     cpu0, step0, zshape = time.process_time(), step, (vcfg.z_channels, g_lat, g_lat)
 
-    def out_of_time():  # CPU seconds of this process (bench.py: fair on a shared machine)
-        if args.time_budget <= 0:
-            return False
-        over = torch.tensor(float(time.process_time() - cpu0 > args.time_budget), device=device)
+    def must_stop():  # [CPU budget spent (bench.py), SIGTERM seen]: every rank stops at one step
+        flags = torch.tensor([float(args.time_budget > 0 and time.process_time() - cpu0 >
+                                    args.time_budget), float(bool(stop))], device=device)
         if world > 1:
-            dist.all_reduce(over, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-        return bool(over)
-    while step < total and not stop and not out_of_time():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return flags.tolist()
+    out_of_time = sigterm = 0.0
+    while step < total:
+        out_of_time, sigterm = must_stop()
+        if out_of_time or sigterm:
+            break
         # ------------------------------------------------ one optimization step
         lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
         for grp in opt.param_groups:
@@ -1018,14 +1087,16 @@ def main(argv=None):
         moments, n_lat = torch.zeros(2, vcfg.z_channels, device=device), 0
         for m in range(accum):
             x = next(loader)[0].to(device, non_blocking=True)                     # (b, 3, H, W)
-            lo = (m * world + rank) * args.micro_batch  # this micro-batch's global rows (as the data)
+            lo = (m * world + rank) * args.micro_batch  # global rows of this micro-batch (= data's)
             noise = step_noise(zshape, args.seed, step, range(lo, lo + args.micro_batch), device,
                                args.align_noise)
-            feats = vfm(x)                                                        # (b, N, D), no grad
+            with autocast(device, precision):
+                feats = vfm(x)                                                    # (b, N, D)
             sync = m == accum - 1 or world == 1  # all-reduce gradients only on the last micro-step
             with contextlib.nullcontext() if sync else model.no_sync():
                 with autocast(device, precision):
-                    recon, mean, logvar, z, align, cos = model(x, noise, feats, args.align_weight <= 0)
+                    recon, mean, logvar, z, align, cos = model(x, noise, feats,
+                                                               args.align_weight <= 0)
                 loss, st = vae_loss(x, recon, mean, logvar, args, lpips, disc if gan_on else None)
                 w = args.align_weight if args.align_weight > 0 else 1.0  # w = 0: mapper-only probe
                 loss = loss + w * align                                           # eq. 3
@@ -1038,11 +1109,14 @@ def main(argv=None):
                 d = torch.stack([d_loss.detach(), real, fake])
             mo, k = latent_moments(z)
             moments, n_lat = moments + mo, n_lat + k
-            stats += torch.cat([torch.stack([loss.detach(), st["l1"], st["lpips"], st["kl"], st["gan"],
-                                             align.detach(), cos]), d]) / accum
+            stats += torch.cat([torch.stack([loss.detach(), st["l1"], st["lpips"], st["kl"],
+                                             st["gan"], align.detach(), cos]), d]) / accum
         if world > 1:
             dist.all_reduce(moments)
-        mapper.update_bn(moments, n_lat * world, first=step == 0)  # step 0's batch sets the stats
+        # step 0 normalised with the initial (0, 1) statistics; its batch then sets them (REPA-E
+        # starts from the VAE's -latents-stats.pt file instead, train_repae.py:203-208)
+        if args.bn_stats == "running":
+            mapper.update_bn(moments, n_lat * world, first=step == 0)
         norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
         d_norm = torch.nn.utils.clip_grad_norm_(disc.parameters(), args.grad_clip) if gan_on else \
             torch.zeros((), device=device)
@@ -1064,24 +1138,25 @@ def main(argv=None):
         # ------------------------------------------------ once in a while: log, save
         if step % args.log_every == 0 or step == total:
             n = (step - 1) % args.log_every + 1
-            v = dict(zip(names, (all_mean(stats) / n).tolist()))  # .tolist(): a sync, at log time only
+            v = dict(zip(names, (all_mean(stats) / n).tolist()))  # .tolist(): a sync, log time only
             gan_txt = (f" | gan {v['gan']:.4f} | d {v['d_loss']:.4f} (real {v['real']:.3f} fake "
                        f"{v['fake']:.3f}, grad {d_norm.item():.3f})" if disc is not None else "")
-            p0(f"step {step} | loss {v['loss']:.4f} | l1 {v['l1']:.4f} | lpips {v['lpips']:.4f} | kl "
-               f"{v['kl']:.1f} | align {v['align']:.4f} (cos {v['cos']:.3f}) | grad {norm.item():.3f}"
-               f"{gan_txt} | lr {lr:.1e} | {seen / (time.time() - t0):.1f} img/s")
+            p0(f"step {step} | loss {v['loss']:.4f} | l1 {v['l1']:.4f} | lpips {v['lpips']:.4f} | "
+               f"kl {v['kl']:.1f} | align {v['align']:.4f} (cos {v['cos']:.3f}) | grad "
+               f"{norm.item():.3f}{gan_txt} | lr {lr:.1e} | {seen / (time.time() - t0):.1f} img/s")
             stats, seen, t0 = torch.zeros(len(names), device=device), 0, time.time()
         if args.ckpt_every > 0 and step % args.ckpt_every == 0:
             checkpoint()
     train_s, train_cpu_s = time.time() - t_start, time.process_time() - cpu0
-    if step < total and not stop:
+    if out_of_time:
         p0(f"--time-budget {args.time_budget:g} CPU-s reached: stopped at step {step} of {total}")
-    if stop:
+    if sigterm:
         checkpoint()
         p0(f"SIGTERM: saved {args.out_dir}/ckpt.pt at step {step}, exiting")
         return
 
-    # ------------------------------------------------ end of run: PSNR, cosine, probe; last line JSON
+    # ------------------------------------------------ end of run: PSNR, cosine, probe; last line
+    # JSON
     res = {"preset": args.preset, "vfm": args.vfm, "vfm_stand_in": vfm.stand_in,
            "align_weight": args.align_weight, "mapper_depth": args.mapper_depth,
            "align_noise": args.align_noise, "loss_terms": terms, "steps": step, "world": world}
@@ -1096,8 +1171,8 @@ def main(argv=None):
         if args.data == "shapes" or args.probe_data:
             f1, mean_f1, lams, split = probe_figures(vae, args, vcfg.resolution)
             print_probe(f1, mean_f1, args.probe_data or "shapes", split)
-            res.update(probe_f1_mean=round(mean_f1, 4), probe_f1={k: round(v, 4) for k, v in f1.items()},
-                       probe_l2=lams, probe_split=split)
+            res.update(probe_f1_mean=round(mean_f1, 4), probe_l2=lams, probe_split=split,
+                       probe_f1={k: round(v, 4) for k, v in f1.items()})
         with torch.no_grad():
             x = imgs[:8].to(device).float() / 255
             save_grid(torch.cat([x, vae.decode(vae.encode(x)[0]).clamp(0, 1)]),
