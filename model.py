@@ -1048,12 +1048,29 @@ class AutoencoderKL(nn.Module):
         return (self.decoder(self.post_quant_conv(z)) + 1) / 2
 
 
+def patchify(z, p):
+    """(B, C, h, w) -> (B, (h/p)(w/p), C p p) tokens in raster order (SiT's patch p on a latent)."""
+    B, C, h, w = z.shape
+    z = z.reshape(B, C, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)        # (B, h/p, w/p, C, p, p)
+    return z.reshape(B, (h // p) * (w // p), C * p * p)
+
+
+def unpatchify(tokens, p, C):
+    """The inverse of patchify: (B, T, C p p) -> (B, C, h, w) for a square grid."""
+    B, T, _ = tokens.shape
+    g = int(math.isqrt(T))
+    z = tokens.reshape(B, g, g, C, p, p).permute(0, 3, 1, 4, 2, 5)              # (B, C, g, p, g, p)
+    return z.reshape(B, C, g * p, g * p)
+
+
 class LatentVAE(nn.Module):
     """A frozen AutoencoderKL in GE-token units, with the per-channel latent mean/std (buffers, saved in the
-    checkpoint): tokens(x) -> (B, h*w, C) = ((z - mean) / std) flattened in raster order; forward(tokens) -> images."""
+    checkpoint): tokens(x) -> (B, h*w / p^2, C p^2) = patchify((z - mean) / std, p), forward(tokens) ->
+    images. p = 2 turns an f8 VAE's 32 x 32 latent at 256 px into 256 tokens, as SiT-XL/2 on SD-VAE."""
 
-    def __init__(self, vae_cfg: VAEConfig):
+    def __init__(self, vae_cfg: VAEConfig, patch=1):
         super().__init__()
+        self.patch = patch
         self.vae = AutoencoderKL(vae_cfg).requires_grad_(False)
         self.register_buffer("latent_mean", torch.zeros(vae_cfg.z_channels))
         self.register_buffer("latent_std", torch.ones(vae_cfg.z_channels))
@@ -1067,35 +1084,37 @@ class LatentVAE(nn.Module):
 
     @torch.no_grad()
     def tokens(self, x, eps=None):
-        """Images -> (B, h*w, C); eps (B, h*w, C) draws a posterior sample (REPA-E's train_ldm_only samples the
-        posterior every step), None gives the posterior mean."""
+        """Images -> normalised tokens (B, T, C p^2); eps of that shape draws a posterior sample (REPA-E's
+        train_ldm_only samples the posterior every step), None gives the posterior mean."""
         mean, logvar = self.vae.encode(x)                                             # (B, C, h, w)
-        z = mean.flatten(2).transpose(1, 2)                                           # (B, h*w, C)
+        scale = lambda z: (z - self.latent_mean[:, None, None]) / self.latent_std[:, None, None]
+        z = patchify(scale(mean), self.patch)
         if eps is not None:
-            z = z + (0.5 * logvar).exp().flatten(2).transpose(1, 2) * eps
-        return (z - self.latent_mean) / self.latent_std
+            std = (0.5 * logvar).exp() / self.latent_std[:, None, None]
+            z = z + patchify(std, self.patch) * eps
+        return z
 
     def forward(self, tokens):
-        B, T, C = tokens.shape
-        h = int(math.isqrt(T))
-        z = (tokens.float() * self.latent_std + self.latent_mean).transpose(1, 2).reshape(B, C, h, h)
-        return self.vae.decode(z)                                                     # (B, 3, H, W)
+        z = unpatchify(tokens.float(), self.patch, self.latent_mean.numel())          # (B, C, h, w)
+        return self.vae.decode(z * self.latent_std[:, None, None] + self.latent_mean[:, None, None])
 
 
 class TwoStage(nn.Module):
     """The two-stage baseline (Send-VAE Fig. 3, stage 2): the GE in denoise-only mode (a SiT: flow loss only)
     on the latents of a frozen VAE. Same interface as UNITE: forward -> (loss, stats), .denoiser, .decoder,
-    reconstruct. cfg must give the VAE's latent grid: patch_size = vae_cfg.factor, latent_dim = z_channels."""
+    reconstruct. cfg gives the token grid: patch_size = vae_cfg.factor * p, latent_dim = z_channels * p^2
+    for a latent patch p (latent_tokens_config)."""
 
     def __init__(self, cfg: UniteConfig, vae_cfg: VAEConfig):
         super().__init__()
-        assert cfg.grid * vae_cfg.factor == cfg.image_size and cfg.latent_dim == vae_cfg.z_channels
+        p = cfg.patch_size // vae_cfg.factor
+        assert p * vae_cfg.factor == cfg.patch_size and cfg.latent_dim == vae_cfg.z_channels * p * p
         self.cfg = cfg
         self.encoder = GenerativeEncoder(cfg, with_patch_embed=False)
         # no output LayerNorm (as SiT): UNITE's latents are LayerNorm-ed per token by construction, a VAE's are
         # not, and an affine LayerNorm could not reach per-token means and scales of the normalised VAE latent
         self.encoder.out_norm = nn.Identity()
-        self.decoder = LatentVAE(vae_cfg)                                             # frozen
+        self.decoder = LatentVAE(vae_cfg, p)                                          # frozen
 
     @property
     def denoiser(self):
@@ -1113,6 +1132,16 @@ class TwoStage(nn.Module):
     @torch.no_grad()
     def reconstruct(self, images, noise=None, t=None):  # the VAE's (posterior mean): no noise to take
         return self.decoder(self.decoder.tokens(images)).clamp(0, 1)
+
+
+def latent_tokens_config(vae_cfg: VAEConfig, image_size, patch=None):
+    """UniteConfig fields for a GE on this VAE's latent: patch p of the latent grid (None: the paper's
+    choice, 256 tokens at 256 px: p = 2 for f8 as SiT-XL/2 on SD-VAE, p = 1 for f16 as LightningDiT;
+    at least 1, so the tiny 4 x 4 latent keeps p = 1)."""
+    p = patch or max(1, image_size // vae_cfg.factor // 16)
+    if (image_size // vae_cfg.factor) % p:
+        raise ValueError(f"a latent patch of {p} does not divide the {image_size // vae_cfg.factor} grid")
+    return dict(patch_size=vae_cfg.factor * p, latent_dim=vae_cfg.z_channels * p * p)
 
 
 VAE_PRESETS = {  # the paper's two tokenizers at 256 px (REPA-E registry) and a CPU one for 32x32 data

@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data import (DataError, autocast, batch_indices, error_line, get_dataset, load_checkpoint,
                   pick_precision, print0, save_checkpoint, save_grid, setup_distributed)
 from model import (PRESETS, UNITE, TwoStage, VAEConfig, count_params, generate, l1_loss,
-                   load_lpips, lpips_loss, make_config, step_noise)
+                   latent_tokens_config, load_lpips, lpips_loss, make_config, step_noise)
 from optim import lr_at, make_optimizers, train_step
 
 # Run defaults, one table per preset. Paper presets: A1 Tab. 8 + the released code, as it runs.
@@ -108,6 +108,8 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", default="",
                    help="two-stage baseline: a sendvae.py checkpoint; the GE trains "
                    "denoise-only (a SiT) on its frozen VAE's latents")
+    p.add_argument("--latent-patch", type=int, default=None,
+                   help="--tokenizer: latent patch p (default: 256 tokens at 256 px: f8 2, f16 1; tiny 1)")
     p.add_argument("--latent-stats-images", type=int, default=2000,
                    help="images (drawn at random) for the --tokenizer latent mean/std")
     # optimisation
@@ -409,13 +411,16 @@ def main(argv=None):
 
     ds = get_dataset(args.data, make_config(args.model).image_size, "train")
     tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
-    # two-stage: the VAE latent (B, C, h, w) becomes h*w GE tokens of C channels (patch = the VAE's
-    # down-sampling)
-    tok_cfg = dict(patch_size=tok[0].factor, latent_dim=tok[0].z_channels) if tok else {}
-    cfg = build_config(args, ds.num_classes, **tok_cfg)
-    if tok and cfg.image_size % tok[0].factor:
-        raise DataError(f"--tokenizer: {cfg.image_size} px images do not divide by the VAE's "
+    image_size = make_config(args.model).image_size
+    if tok and image_size % tok[0].factor:
+        raise DataError(f"--tokenizer: {image_size} px images do not divide by the VAE's "
                         f"factor {tok[0].factor}")
+    # two-stage: the VAE latent (B, C, h, w) becomes (h / p)(w / p) GE tokens of C p^2 channels
+    try:
+        tok_cfg = latent_tokens_config(tok[0], image_size, args.latent_patch) if tok else {}
+    except ValueError as e:
+        raise DataError(f"--latent-patch: {e}") from None
+    cfg = build_config(args, ds.num_classes, **tok_cfg)
     if ds.num_classes == 1:
         args.cfg_scale = 1.0  # a flat folder is unconditional: nothing to guide
     args.micro_batch = args.micro_batch or args.batch_size // world
