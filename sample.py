@@ -36,7 +36,8 @@ import torch.distributed as dist
 import fid
 from data import (DataError, FolderDataset, error_line, get_dataset, load_checkpoint, save_grid,
                   save_png)
-from model import UNITE, TwoStage, UniteConfig, VAEConfig, generate, make_config
+from model import UNITE, UniteConfig, generate, make_config
+from vae import TwoStage, VAEConfig
 
 # the paper's sampling for the authors' files (A1 App. B, engines/eval.py): dopri5 on a 50-point
 # grid, CFG 3.4 (where the released search starts, engines/train.py:22), guidance for 0.1 < t < 1

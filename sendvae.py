@@ -54,8 +54,9 @@ import data
 from data import (DataError, autocast, batch_indices, cache_dir, download, error_line, file_hash,
                   get_dataset, load_checkpoint, load_image, pick_precision, print0, save_checkpoint,
                   save_grid, setup_distributed)
-from model import (VAE_PRESETS, AutoencoderKL, UniteConfig, UNITE, VAEConfig, ViTBlock, attend,
-                   count_params, load_lpips, lpips_loss, sincos_2d)
+from model import (UniteConfig, UNITE, ViTBlock, attend, count_params, load_lpips, lpips_loss,
+                   sincos_2d)
+from vae import VAE_PRESETS, AutoencoderKL, VAEConfig
 
 # -----------------------------------------------------------------------------
 # DINOv2 (the VFM): a minimal ViT that loads the official checkpoint files as they are
@@ -803,7 +804,7 @@ def parse_args(argv=None):
                                 "noised-latent alignment to VFM patch features",
                                 formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=list(VAE_PRESETS),
-                   help="VAE shape (model.VAE_PRESETS; default %(default)s)")
+                   help="VAE shape (vae.VAE_PRESETS; default %(default)s)")
     p.add_argument("--data", default=None, help="shapes | cifar10 | image folder" + by("data"))
     p.add_argument("--init", default="", help="VAE to fine-tune: a sendvae.py checkpoint, or an "
                    "AutoencoderKL file in LDM / REPA-E / VA-VAE layout\n(the paper: VA-VAE f16d32)")

@@ -35,8 +35,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import (DataError, autocast, batch_indices, error_line, get_dataset, load_checkpoint,
                   pick_precision, print0, save_checkpoint, save_grid, setup_distributed)
-from model import (PRESETS, UNITE, TwoStage, VAEConfig, count_params, generate, l1_loss,
-                   latent_tokens_config, load_lpips, lpips_loss, make_config, step_noise)
+from model import (PRESETS, UNITE, count_params, generate, l1_loss, load_lpips, lpips_loss,
+                   make_config, step_noise)
+from vae import TwoStage, VAEConfig, latent_tokens_config
 from optim import lr_at, make_optimizers, train_step
 
 # Run defaults, one table per preset. Paper presets: A1 Tab. 8 + the released code, as it runs.
@@ -109,7 +110,8 @@ def parse_args(argv=None):
                    help="two-stage baseline: a sendvae.py checkpoint; the GE trains "
                    "denoise-only (a SiT) on its frozen VAE's latents")
     p.add_argument("--latent-patch", type=int, default=None,
-                   help="--tokenizer: latent patch p (default: 256 tokens at 256 px: f8 2, f16 1; tiny 1)")
+                   help="--tokenizer: latent patch p (default: 256 tokens at 256 px: f8 2, f16 1; "
+                   "tiny 1)")
     p.add_argument("--latent-stats-images", type=int, default=2000,
                    help="images (drawn at random) for the --tokenizer latent mean/std")
     # optimisation

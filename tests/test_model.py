@@ -249,13 +249,17 @@ def test_batched_muon_equals_torch_muon():
 
 
 def test_latent_patch_round_trip_and_token_count():
-    """Stage 2 on an f8 VAE: patch 2 gives 256 tokens of 4 x 4 channels at 256 px (SiT-XL/2 on SD-VAE);
+    """Stage 2 on an f8 VAE: patch 2 gives 256 tokens of 4 x 4 channels at 256 px (SiT-XL/2 on
+    SD-VAE);
     tokens -> images decodes exactly what the VAE decodes from the same latent."""
-    from model import VAE_PRESETS, LatentVAE, VAEConfig, latent_tokens_config, patchify, unpatchify
+    from vae import (VAE_PRESETS, LatentVAE, VAEConfig, latent_tokens_config, patchify,
+                     unpatchify)
     f8 = VAEConfig(**VAE_PRESETS["f8d4"])
     assert latent_tokens_config(f8, 256) == dict(patch_size=16, latent_dim=16)
-    assert latent_tokens_config(VAEConfig(**VAE_PRESETS["f16d32"]), 256) == dict(patch_size=16, latent_dim=32)
-    assert latent_tokens_config(VAEConfig(**VAE_PRESETS["tiny"]), 32)["patch_size"] == 8  # 4x4 grid: p = 1
+    f16 = VAEConfig(**VAE_PRESETS["f16d32"])
+    assert latent_tokens_config(f16, 256) == dict(patch_size=16, latent_dim=32)
+    # the tiny VAE's 4 x 4 grid keeps p = 1
+    assert latent_tokens_config(VAEConfig(**VAE_PRESETS["tiny"]), 32)["patch_size"] == 8
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     assert patchify(z, 2).shape == (2, 16, 16) and torch.equal(unpatchify(patchify(z, 2), 2, 4), z)
     torch.manual_seed(0)

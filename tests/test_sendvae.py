@@ -25,7 +25,8 @@ import sendvae
 import train
 from conftest import ROOT
 from data import DataError
-from model import VAE_PRESETS, AutoencoderKL, VAEConfig, generate, sample_latents, sample_noise
+from model import generate, sample_latents, sample_noise
+from vae import VAE_PRESETS, AutoencoderKL, VAEConfig
 
 torch.set_num_threads(1)
 TINY = VAEConfig(**VAE_PRESETS["tiny"])
