@@ -31,17 +31,17 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
                     ".pgm"}
 
 
-class DataError(Exception):
-    """A problem the user can fix (bad path, corrupt file, missing download). Scripts print it as
-    one line."""
+class UserError(Exception):
+    """A problem the user can fix: a bad path or flag, a corrupt file, a missing download, another
+    script's checkpoint, a wrong preset. Scripts print it as one line and exit non-zero."""
 
 
 def error_line(e):
-    """One clear line for a DataError, also when a DataLoader worker re-raised it with a
+    """One clear line for a UserError, also when a DataLoader worker re-raised it with a
     traceback."""
     lines = [l for l in str(e).strip().splitlines() if l.strip()]
     last = lines[-1] if lines else repr(e)
-    return last.split("DataError: ", 1)[-1]
+    return last.split("UserError: ", 1)[-1]
 
 
 # -----------------------------------------------------------------------------
@@ -62,12 +62,12 @@ def file_hash(path, algo="sha256"):
 
 def download(url, path, algo, digest):
     """Return `path`, downloading `url` there first if needed; the file's `algo` hash must equal
-    `digest`. Offline (or on a bad download) raise DataError saying where to put the file by
+    `digest`. Offline (or on a bad download) raise UserError saying where to put the file by
     hand."""
     if os.path.exists(path):
         got = file_hash(path, algo)
         if got != digest:
-            raise DataError(f"{path} has {algo} {got[:12]}..., expected {digest[:12]}...: "
+            raise UserError(f"{path} has {algo} {got[:12]}..., expected {digest[:12]}...: "
                             f"delete it or replace it with the file from {url}")
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -78,12 +78,12 @@ def download(url, path, algo, digest):
     except Exception as e:  # no network, DNS failure, HTTP error: all end the same way
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise DataError(f"cannot download {url} ({type(e).__name__}); offline? put the file at "
+        raise UserError(f"cannot download {url} ({type(e).__name__}); offline? put the file at "
                         f"{path} ({algo} {digest})") from None
     got = file_hash(tmp, algo)
     if got != digest:
         os.remove(tmp)
-        raise DataError(f"download of {url} is corrupt ({algo} {got[:12]}... != {digest[:12]}...); "
+        raise UserError(f"download of {url} is corrupt ({algo} {got[:12]}... != {digest[:12]}...); "
                         "try again")
     os.replace(tmp, path)  # atomic: never a half-written file under the final name
     return path
@@ -294,7 +294,7 @@ def load_image(path, size=None):
             im = im.convert("RGB")
             return center_crop_arr(im, size) if size else np.array(im)
     except Exception as e:
-        raise DataError(f"corrupt or unreadable image file {path}: {type(e).__name__}") from None
+        raise UserError(f"corrupt or unreadable image file {path}: {type(e).__name__}") from None
 
 
 class FolderDataset(torch.utils.data.Dataset):
@@ -305,7 +305,7 @@ class FolderDataset(torch.utils.data.Dataset):
 
     def __init__(self, root, resolution):
         if not os.path.isdir(root):
-            raise DataError(f"data folder not found: {root}")
+            raise UserError(f"data folder not found: {root}")
         subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         top_images = [f for f in os.listdir(root) if is_image(f)]
         if subdirs and not top_images:  # ImageFolder
@@ -318,7 +318,7 @@ class FolderDataset(torch.utils.data.Dataset):
             self.class_names, self.files = [], list_images(root)
             labels = [0] * len(self.files)
         if not self.files:
-            raise DataError(f"no image files in {root} "
+            raise UserError(f"no image files in {root} "
                             f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
         self.labels = torch.tensor(labels, dtype=torch.long)
         self.num_classes = max(1, len(self.class_names))
@@ -343,7 +343,7 @@ def get_dataset(name, resolution=32, split="train"):
     else:
         return FolderDataset(name, resolution)
     if ds.images.shape[-1] != resolution:
-        raise DataError(f"--data {name} is {ds.images.shape[-1]}x{ds.images.shape[-1]}, "
+        raise UserError(f"--data {name} is {ds.images.shape[-1]}x{ds.images.shape[-1]}, "
                         f"the model expects {resolution}x{resolution}: pick a model preset of that "
                         "image size")
     return ds
@@ -420,17 +420,17 @@ def save_checkpoint(path, ckpt):
 
 
 def load_checkpoint(path, what="", keys=()):
-    """The plain-data dict of a checkpoint (weights_only loading), or one DataError line saying what
+    """The plain-data dict of a checkpoint (weights_only loading), or one UserError line saying what
     is wrong with `path`: missing, unreadable, or without one of `keys` (then it is another script's
     checkpoint)."""
     if not os.path.isfile(path):
-        raise DataError(f"{what}checkpoint not found: {path}")
+        raise UserError(f"{what}checkpoint not found: {path}")
     try:
         # mmap: an authors' UNITE-L file with optimizer states (~10 GB) is read only where used
         ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise DataError(f"{path} is not a {what}checkpoint ({type(e).__name__})") from None
+        raise UserError(f"{path} is not a {what}checkpoint ({type(e).__name__})") from None
     missing = [k for k in keys if not isinstance(ck, dict) or k not in ck]
     if missing:
-        raise DataError(f"{path} is not a {what}checkpoint (it has no {missing[0]!r})")
+        raise UserError(f"{path} is not a {what}checkpoint (it has no {missing[0]!r})")
     return ck

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from data import DataError, error_line, to_uint8  # noqa: F401 (fid.to_uint8 is public)
+from data import UserError, error_line, to_uint8  # noqa: F401 (fid.to_uint8 is public)
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -234,7 +234,7 @@ def load_inception_weights(net, path=None):
         path = data.download(FID_WEIGHTS_URL, os.path.join(data.cache_dir(), name), "sha256",
                              FID_WEIGHTS_SHA256)
     elif not os.path.isfile(path):
-        raise DataError(f"Inception weight file not found: {path}")
+        raise UserError(f"Inception weight file not found: {path}")
     sha = data.file_hash(path)
     if sha != FID_WEIGHTS_SHA256:
         print(f"warning: {path} has sha256 {sha[:8]}..., not the official FID Inception file "
@@ -244,7 +244,7 @@ def load_inception_weights(net, path=None):
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:
         msg = " ".join(str(e).split())[:200]
-        raise DataError(f"{path} is not an FID Inception state dict "
+        raise UserError(f"{path} is not an FID Inception state dict "
                         f"({type(e).__name__}: {msg})") from None
     return sha
 
@@ -257,7 +257,7 @@ def feature_stats(features):
     (singular sigma)."""
     f = np.asarray(features, dtype=np.float64)
     if f.ndim != 2 or len(f) < 2:
-        raise DataError(f"need at least 2 images for statistics, got {len(f)}")
+        raise UserError(f"need at least 2 images for statistics, got {len(f)}")
     if len(f) < f.shape[1]:
         print(f"warning: {len(f)} images < {f.shape[1]} feature dims: sigma is singular and the "
               f"distance is strongly biased; use >= {f.shape[1]} (papers use 50000)",
@@ -284,10 +284,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     s1, s2 = (np.atleast_2d(np.asarray(sigma1, np.float64)),
               np.atleast_2d(np.asarray(sigma2, np.float64)))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
-        raise DataError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
+        raise UserError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
                         f"sigma {s1.shape} vs {s2.shape} (stats from different feature networks?)")
     if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
-        raise DataError("statistics contain NaN or inf")
+        raise UserError("statistics contain NaN or inf")
     # s2 is usually the reference, from many images: positive definite, fast path
     root2 = _psd_factor(s2)
     M = root2.T @ s1 @ root2
@@ -303,7 +303,7 @@ def inception_score(logits_or_probs, splits=10):
     softmaxed."""
     x = np.asarray(logits_or_probs, dtype=np.float64)
     if len(x) < splits:
-        raise DataError(f"Inception Score needs at least {splits} images, got {len(x)}")
+        raise UserError(f"Inception Score needs at least {splits} images, got {len(x)}")
     if (x >= 0).all() and np.allclose(x.sum(1), 1):
         logp = np.log(np.clip(x, 1e-300, None))
     else:
@@ -326,13 +326,13 @@ def _as_batch(items, net):
     x = [t.float() / 255 if t.dtype == torch.uint8 else t.float() for t in items]
     if any(t.shape != x[0].shape for t in x):  # mixed sizes: resize one by one as the network would
         if not isinstance(net, InceptionV3):
-            raise DataError(f"images of different sizes ({tuple(x[0].shape)} and others)")
+            raise UserError(f"images of different sizes ({tuple(x[0].shape)} and others)")
         x = [F.interpolate(t[None], size=(299, 299), mode="bilinear", align_corners=False)[0]
              for t in x]
     # NCHW as pytorch-fid's loader: conv kernels (and roundings) follow the layout
     x = torch.stack(x).contiguous()
     if x.amin() < -1e-3 or x.amax() > 1 + 1e-3:
-        raise DataError(f"images must be in [0, 1], got values in "
+        raise UserError(f"images must be in [0, 1], got values in "
                         f"[{x.amin():.2f}, {x.amax():.2f}]: clamp them, or map [-1, 1] samples "
                         "with (x + 1) / 2")
     return x
@@ -399,7 +399,7 @@ def generated_features(sample_fn, feature_fn, n, batch_size=100, rank=0, world=1
     function. The images are made 8-bit first (quantize_8bit): the features are those of the PNGs
     sample.py writes, but none is written (in memory, as the released engines/eval.py:181-192)."""
     if n < world:
-        raise DataError(f"{n} evaluation samples for {world} processes: ask for at least one each")
+        raise UserError(f"{n} evaluation samples for {world} processes: ask for at least one each")
     idx = shard(n, rank, world)
     feats = [feature_fn(quantize_8bit(sample_fn(idx[i:i + batch_size]))).float()
              for i in range(0, len(idx), batch_size)]
@@ -424,11 +424,11 @@ def load_inception(weights_path=None, device="cpu"):
 def load_stats(path):
     """(mu, sigma) float64 of a statistics .npz (fid.py --save-stats, pytorch-fid, ADM's, JiT's)."""
     if not (path.lower().endswith(".npz") and os.path.isfile(path)):
-        raise DataError(f"reference statistics not found: {path} (make them with python fid.py "
+        raise UserError(f"reference statistics not found: {path} (make them with python fid.py "
                         f"IMAGES --save-stats STATS.npz)")
     x = load_input(path)
     if not isinstance(x, tuple):
-        raise DataError(f"{path} holds images, not mu/sigma: python fid.py {path} --save-stats "
+        raise UserError(f"{path} holds images, not mu/sigma: python fid.py {path} --save-stats "
                         f"STATS.npz")
     return np.asarray(x[0], np.float64), np.asarray(x[1], np.float64)
 
@@ -464,7 +464,7 @@ class ShapesNet(nn.Module):
 
     def forward(self, x):
         if x.shape[-2:] != (32, 32):
-            raise DataError(f"FD-shapes needs 32x32 images, got {x.shape[-2]}x{x.shape[-1]}")
+            raise UserError(f"FD-shapes needs 32x32 images, got {x.shape[-2]}x{x.shape[-1]}")
         # NCHW: results must not depend on the memory layout
         return self.body((x.contiguous() - 0.5) / 0.25)
 
@@ -531,7 +531,7 @@ def load_shapes_net(device="cpu", steps=600, n_train=20000, n_test=10000):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(ckpt["model"])
     except Exception as e:
-        raise DataError(f"corrupt cache file {path} ({type(e).__name__}): "
+        raise UserError(f"corrupt cache file {path} ({type(e).__name__}): "
                         "delete it to retrain") from None
     net.ref_mu, net.ref_sigma, net.test_acc = (ckpt["mu"].numpy(), ckpt["sigma"].numpy(),
                                                ckpt["test_acc"])
@@ -593,26 +593,26 @@ def load_input(spec):
                     return torch.from_numpy(f["arr_0"]).permute(0, 3, 1, 2)
                 keys = list(f.keys())
         except Exception as e:
-            raise DataError(f"cannot read {spec} ({type(e).__name__})") from None
-        raise DataError(f"{spec} holds {keys}, expected mu and sigma (or arr_0 images)")
+            raise UserError(f"cannot read {spec} ({type(e).__name__})") from None
+        raise UserError(f"{spec} holds {keys}, expected mu and sigma (or arr_0 images)")
     if os.path.isdir(spec):
         files = data.list_images(spec)
         if not files:
-            raise DataError(f"no image files in {spec}")
+            raise UserError(f"no image files in {spec}")
         return ImageFiles(files)
-    raise DataError(f"{spec}: no such folder or .npz file, "
+    raise UserError(f"{spec}: no such folder or .npz file, "
                     f"nor a dataset name ({', '.join(DATASETS)})")
 
 
 def run(args):
     if len(args.inputs) > 2 or (len(args.inputs) == 1
                                 and not (args.save_stats or args.inception_score)):
-        raise DataError("give two inputs to compare, or one with --save-stats and/or --is")
+        raise UserError("give two inputs to compare, or one with --save-stats and/or --is")
     if args.inception_score and args.metric != "fid":
-        raise DataError("--is needs --metric fid (it uses the Inception logits)")
+        raise UserError("--is needs --metric fid (it uses the Inception logits)")
     inputs = [load_input(spec) for spec in args.inputs]  # all user errors before the slow work
     if args.inception_score and isinstance(inputs[0], tuple):
-        raise DataError(f"--is needs images, but {args.inputs[0]} holds only statistics")
+        raise UserError(f"--is needs images, but {args.inputs[0]} holds only statistics")
     net, stats, result = None, [], {"metric": "FID" if args.metric == "fid" else "FD-shapes"}
     for k, x in enumerate(inputs):
         if isinstance(x, tuple):  # precomputed (mu, sigma)
@@ -672,7 +672,7 @@ def main():
     args = p.parse_args()
     try:
         run(args)
-    except DataError as e:
+    except UserError as e:
         print(f"error: {error_line(e)}", file=sys.stderr)
         sys.exit(1)
 

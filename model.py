@@ -177,7 +177,7 @@ class UniteConfig:
     time_shift: float = 0.5         # alpha of t' = a t / (1 + (a - 1) t) (Tab. 7e)
     t_eps: float = 0.05             # (1 - t) clamp in the velocity
     separate: bool = False          # Tab. 7a: separate tokenizer and denoiser weights
-    no_stopgrad: bool = False       # Tab. 7a: let the flow loss reach the tokenizer pass through z0
+    stopgrad: bool = True           # Tab. 7a: False lets the flow loss reach the tokenizer through z0
     grad_checkpoint: str = "auto"   # recompute GE blocks in backward: off | flow (denoising pass) | all
                                     # (both passes) | auto = flow when K > 4, as the released UNITE.__init__
     latent_tokens: int = 0          # latent registers; 0 = one per image patch (molecules.py sets its own)
@@ -378,19 +378,19 @@ assert LPIPS_FILES["vgg"][1].startswith(LPIPS_FILES["vgg"][0].rsplit("-", 1)[1][
 
 def _load_weights(path, keys):
     """{key: tensor} from a torch.save'd state dict; `keys` maps each key we need to its shape.
-    Other keys are ignored (torchvision's file also holds the classifier). Problems: DataError."""
+    Other keys are ignored (torchvision's file also holds the classifier). Problems: UserError."""
     import data  # lazy: model.py needs nothing else from data.py (and its imports)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise data.DataError(f"{path}: no such file") from None
+        raise data.UserError(f"{path}: no such file") from None
     except Exception as e:
-        raise data.DataError(f"{path}: not a torch state dict ({type(e).__name__})") from None
+        raise data.UserError(f"{path}: not a torch state dict ({type(e).__name__})") from None
     for k, shape in keys.items():
         if k not in sd:
-            raise data.DataError(f"{path}: missing key {k!r}")
+            raise data.UserError(f"{path}: missing key {k!r}")
         if tuple(sd[k].shape) != tuple(shape):
-            raise data.DataError(f"{path}: {k!r} has shape {tuple(sd[k].shape)}, "
+            raise data.UserError(f"{path}: {k!r} has shape {tuple(sd[k].shape)}, "
                                  f"expected {tuple(shape)}")
     return {k: sd[k] for k in keys}
 
@@ -474,17 +474,17 @@ def lpips_loss(lpips, recon, images, released=True, training=True):
 
 def load_lpips(device="cpu"):
     """LPIPS with the published weights, downloaded once into data.cache_dir() (sha256-checked).
-    A missing file offline: one DataError line saying where to put each missing file."""
+    A missing file offline: one UserError line saying where to put each missing file."""
     import os
     import data  # lazy, as in _load_weights
     paths, errors = [], []
     for url, sha256, name in LPIPS_FILES.values():
         try:
             paths.append(data.download(url, os.path.join(data.cache_dir(), name), "sha256", sha256))
-        except data.DataError as e:
+        except data.UserError as e:
             errors.append(str(e))
     if errors:
-        raise data.DataError("LPIPS weights: " + "; ".join(errors))
+        raise data.UserError("LPIPS weights: " + "; ".join(errors))
     return LPIPS(*paths).to(device)
 
 
@@ -596,7 +596,7 @@ class UNITE(nn.Module):
         z0 = self.encoder.tokenize(images, noise["registers"], noise["recon_t"])     # pass 1: (B, T, C)
         recon = self.decoder(noise_augment(z0, noise))
         rec = self.recon_loss(recon, images)
-        zd = z0 if cfg.no_stopgrad else z0.detach()                                   # stop-grad (Tab. 7a)
+        zd = z0.detach() if cfg.stopgrad else z0                                   # stop-grad (Tab. 7a)
         flow = flow_loss(self.denoiser, zd.float(), labels, noise, cfg)               # pass 2
         return cfg.recon_weight * rec + flow, {"recon": rec.detach(), "flow": flow.detach()}
 
@@ -674,9 +674,9 @@ def from_official(state_dict, cfg: UniteConfig, preset=None):
     Skipped by name (_OFFICIAL_SKIP): lpips_loss.*, encoder.pos_embed and special_time_emb (never
     read); patch_embed.position_embeddings must be zero (its init is never called); the RoPE tables
     and decoder_pos_embed must equal the ones we compute. Any other leftover or missing tensor, or a
-    shape that does not fit cfg, is a one-line DataError naming the tensor (and `preset`, e.g. "B").
+    shape that does not fit cfg, is a one-line UserError naming the tensor (and `preset`, e.g. "B").
     The file cannot tell the decoder's head count or in_context_start: those come from cfg."""
-    from data import DataError  # imported here: nothing else in model.py needs data.py
+    from data import UserError  # imported here: nothing else in model.py needs data.py
     sd = state_dict
     for entry in ("ema", "model"):  # their file: the EMA weights, which all their evaluations use
         if isinstance(state_dict.get(entry), dict):
@@ -685,13 +685,13 @@ def from_official(state_dict, cfg: UniteConfig, preset=None):
     sd = {re.sub(r"^module\.", "", k).replace("_orig_mod.", ""): v for k, v in sd.items()}
     what = f"--model {preset}" if preset else "the model config"
     if cfg.separate:
-        raise DataError("the released UNITE shares one GE for both passes: cfg.separate is set")
+        raise UserError("the released UNITE shares one GE for both passes: cfg.separate is set")
     depths = (("encoder.blocks.", cfg.enc_depth), ("decoder.decoder_layers.", cfg.dec_depth))
     for prefix, n_ours in depths:  # a wrong preset usually shows here first
         idx = [int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)]
         n = 1 + max(idx, default=-1)
         if n != n_ours:
-            raise DataError(f"{what} has {n_ours} {prefix}* layers but the file has {n}")
+            raise UserError(f"{what} has {n_ours} {prefix}* layers but the file has {n}")
     model = UNITE(cfg)
     ours, weights = model.state_dict(), {}
     names = {_official_name(k): k for k in ours}                                 # released -> ours
@@ -699,7 +699,7 @@ def from_official(state_dict, cfg: UniteConfig, preset=None):
         if any(re.search(p, name) for p in _OFFICIAL_SKIP):
             continue
         if name not in names:
-            raise DataError(f"the file has a tensor {name} that {what} has no place for")
+            raise UserError(f"the file has a tensor {name} that {what} has no place for")
         k = names[name]
         want = tuple(ours[k].shape)
         if k == "encoder.y_embed.weight":
@@ -707,14 +707,14 @@ def from_official(state_dict, cfg: UniteConfig, preset=None):
         elif k == "decoder.cls":
             want = want[-1:]                                               # (D,) in theirs
         if tuple(v.shape) != want:
-            raise DataError(f"{name} is {tuple(v.shape)} in the file but {want} for {what}")
+            raise UserError(f"{name} is {tuple(v.shape)} in the file but {want} for {what}")
         weights[k] = v[:-1] if k == "encoder.y_embed.weight" else v.reshape(ours[k].shape)
     missing = [name for name, k in names.items() if k not in weights]
     if missing:
-        raise DataError(f"the file has no tensor {missing[0]} (needed by {what})")
+        raise UserError(f"the file has no tensor {missing[0]} (needed by {what})")
     pe = sd.get("patch_embed.position_embeddings")
     if pe is not None and pe.abs().max() > 0:
-        raise DataError("patch_embed.position_embeddings is not zero in the file (ours has none)")
+        raise UserError("patch_embed.position_embeddings is not zero in the file (ours has none)")
     enc = model.encoder
     fixed = {"encoder.feat_rope.freqs_cos": enc.rope_cos,
              "encoder.feat_rope.freqs_sin": enc.rope_sin,
@@ -726,7 +726,7 @@ def from_official(state_dict, cfg: UniteConfig, preset=None):
     for name, table in fixed.items():
         v = sd.get(name)
         if v is not None and (v.shape != table.shape or (v.float() - table).abs().max() > 1e-4):
-            raise DataError(f"{name} in the file differs from the table we compute for {what}")
+            raise UserError(f"{name} in the file differs from the table we compute for {what}")
     model.load_state_dict(weights)
     return model
 

@@ -61,7 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (DataError, batch_indices, cache_dir, error_line, pick_precision, print0,
+from data import (UserError, batch_indices, cache_dir, error_line, pick_precision, print0,
                   save_checkpoint, setup_distributed, write_atomic)
 from model import (UNITE, UniteConfig, ViTBlock, count_params, sample_latents, sample_noise,
                    step_noise)
@@ -192,7 +192,7 @@ def qm9_files():
     """qm9pack's CSVs, found without importing qm9pack (its __init__ needs pkg_resources)."""
     spec = importlib.util.find_spec("qm9pack")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("QM9 needs the qm9pack package (pip install qm9pack), or pass "
+        raise UserError("QM9 needs the qm9pack package (pip install qm9pack), or pass "
                         "--data FILE.smi/.csv")
     folder = os.path.join(spec.submodule_search_locations[0], "data")
     return [os.path.join(folder, f"qm9_part{i}.csv") for i in (1, 2, 3)]
@@ -205,14 +205,14 @@ def read_smiles(path=None, limit=None):
     out = []
     for f in files:
         if not os.path.isfile(f):
-            raise DataError(f"molecule file not found: {f}")
+            raise UserError(f"molecule file not found: {f}")
         with open(f, newline="") as fh:
             if f.lower().endswith(".csv"):
                 csv.field_size_limit(1 << 30)  # qm9pack's CSVs hold long XYZ fields
                 rows = csv.reader(fh)
                 header = [h.strip().lower() for h in next(rows, [])]
                 if "smiles" not in header:
-                    raise DataError(f"{f}: no SMILES column in the header "
+                    raise UserError(f"{f}: no SMILES column in the header "
                                     f"({', '.join(header[:8])})")
                 col = header.index("smiles")
                 out += [r[col].strip() if len(r) > col else "" for r in rows]
@@ -229,7 +229,7 @@ def load_molecules(args):
     files = qm9_files() if args.data is None else [args.data]
     for f in files:
         if not os.path.isfile(f):
-            raise DataError(f"molecule file not found: {f}")
+            raise UserError(f"molecule file not found: {f}")
     key = json.dumps([[os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)] for f in files]
                      + [args.repr, args.max_atoms, args.test_frac, 1])
     path = os.path.join(cache_dir(), f"molecules-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt")
@@ -240,7 +240,7 @@ def load_molecules(args):
         canon = [canonical(s) for s in raw]
     good = [c for c in canon if c is not None]
     if len(good) < 2:
-        raise DataError(f"{args.data or 'QM9'}: {len(good)} valid molecules in {len(raw)} lines; "
+        raise UserError(f"{args.data or 'QM9'}: {len(good)} valid molecules in {len(raw)} lines; "
                         "need at least 2")
     order = np.random.default_rng(0).permutation(len(good))  # fixed split, independent of --seed
     n_test = max(1, int(round(args.test_frac * len(good))))
@@ -475,8 +475,8 @@ def parse_args(argv=None):
                         "shared machine)")
     p.add_argument("--separate", action="store_true",
                    help="Tab. 7a: separate tokenizer and denoiser weights")
-    p.add_argument("--no-stopgrad", action="store_true",
-                   help="Tab. 7a: the flow loss also reaches the tokenizer")
+    p.add_argument("--stopgrad", action=argparse.BooleanOptionalAction, default=True,
+                   help="Tab. 7a: --no-stopgrad lets the flow loss reach the tokenizer")
     p.add_argument("--grad-clip", type=float, default=3.0)
     p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
@@ -497,12 +497,12 @@ def main(argv=None):
     args = parse_args(argv)
     if args.eval:  # metrics of a SMILES file against the data's splits
         if not os.path.isfile(args.eval):
-            raise DataError(f"--eval {args.eval}: file not found")
+            raise UserError(f"--eval {args.eval}: file not found")
         with open(args.eval) as f:
             samples = [l.split()[0] if l.split() else "" for l in f]
         samples = [s for s in samples if s]
         if not samples:
-            raise DataError(f"--eval {args.eval}: no SMILES lines")
+            raise UserError(f"--eval {args.eval}: no SMILES lines")
         d = load_molecules(args)
         res = evaluate(samples, d["train_smiles"], d["test_smiles"])
         print(json.dumps(res))
@@ -524,11 +524,11 @@ def main(argv=None):
        f"train {len(x_train)}, test {len(d['test_x'])} | repr {meta['repr']}: "
        f"{meta['n_tokens']} tokens x {len(meta['vocab_sizes'])} features")
     if args.batch_size % world:
-        raise DataError(f"--batch-size {args.batch_size} must be a multiple of {world} processes")
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of {world} processes")
     micro = args.batch_size // world
     steps_per_epoch = len(x_train) // args.batch_size
     if steps_per_epoch == 0:
-        raise DataError(f"{len(x_train)} training molecules is fewer than one batch of "
+        raise UserError(f"{len(x_train)} training molecules is fewer than one batch of "
                         f"{args.batch_size}")
 
     K = args.latents or (meta["n_tokens"] if meta["repr"] == "graph" else 16)
@@ -537,7 +537,7 @@ def main(argv=None):
                       dec_heads=args.heads, num_classes=1,
                       in_context_len=0, class_dropout=0.0, flow_copies=args.flow_copies,
                       latent_tokens=K, input_tokens=meta["n_tokens"], separate=args.separate,
-                      no_stopgrad=args.no_stopgrad)
+                      stopgrad=args.stopgrad)
     torch.manual_seed(args.seed)  # same init on every rank
     raw = build_model(cfg, meta).to(device)
     ema = copy.deepcopy(raw).float().eval().requires_grad_(False)
@@ -634,5 +634,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except DataError as e:
+    except UserError as e:
         sys.exit(f"error: {error_line(e)}")

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from data import DataError, autocast
+from data import UserError, autocast
 
 
 def lr_at(step, lr, warmup, hold=0, decay_end=None, min_frac=1.0):
@@ -135,7 +135,7 @@ def train_step(model, opts, ema, micro_batches, *, lr, step, grad_clip, ema_deca
     else:
         bad += 1
         if bad >= 5:
-            raise DataError("5 non-finite steps in a row: lower --lr, use --precision fp32, or "
+            raise UserError("5 non-finite steps in a row: lower --lr, use --precision fp32, or "
                             "check the data (NaN/Inf values)")
     for o in opts:
         o.zero_grad(set_to_none=True)

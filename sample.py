@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 import fid
-from data import (DataError, FolderDataset, error_line, get_dataset, load_checkpoint, save_grid,
+from data import (UserError, FolderDataset, error_line, get_dataset, load_checkpoint, save_grid,
                   save_png)
 from model import UNITE, UniteConfig, generate, make_config
 from vae import TwoStage, VAEConfig
@@ -61,14 +61,14 @@ def load_model(path, device, use_ema=True, preset="B"):
     their sampling defaults ("args") are the paper's."""
     ck = load_checkpoint(path, "UNITE ")
     if is_released(ck):
-        from model import from_official  # a wrong preset -> a DataError from there
+        from model import from_official  # a wrong preset -> a UserError from there
         weights = ck if use_ema else {"model": ck["model"]}  # it takes "ema", else "model"
         model = from_official(weights, make_config(preset), preset)
         ck = {**ck, "args": dict(RELEASED_SAMPLING), "released": f"UNITE-{preset}"}
     else:
         missing = [k for k in ("config", "ema", "model") if not isinstance(ck, dict) or k not in ck]
         if missing:
-            raise DataError(f"{path} is not a UNITE checkpoint (it has no {missing[0]!r}), nor an "
+            raise UserError(f"{path} is not a UNITE checkpoint (it has no {missing[0]!r}), nor an "
                             f"authors' UNITE-B/L file")
         try:  # a two-stage checkpoint (train.py --tokenizer) carries its VAE
             cfg = UniteConfig(**ck["config"])
@@ -76,7 +76,7 @@ def load_model(path, device, use_ema=True, preset="B"):
             model = TwoStage(cfg, VAEConfig(**ck["vae_config"])) if two_stage else UNITE(cfg)
             model.load_state_dict(ck["ema" if use_ema else "model"])
         except Exception as e:
-            raise DataError(f"{path} is not a UNITE checkpoint of this code "
+            raise UserError(f"{path} is not a UNITE checkpoint of this code "
                             f"({type(e).__name__}: {e})") from None
     # drop weights and optimizer state: an authors' UNITE-L file holds gigabytes of them
     meta = {k: v for k, v in ck.items() if not isinstance(v, dict) or k in ("config", "args")}
@@ -194,7 +194,7 @@ def evaluate_reconstruction(model, args, rank, world, card):
     ds = get_dataset(args.recon_data, model.cfg.image_size, "test")  # shapes/cifar10: test split
     n = min(args.num_samples or 50000, len(ds))
     if n < world:
-        raise DataError(f"{n} images for {world} processes: ask for at least one per process")
+        raise UserError(f"{n} images for {world} processes: ask for at least one per process")
     net, ref = feature_net(args, args.device)
     workers = args.num_workers
     if workers is None:
@@ -264,23 +264,23 @@ def parse_args(argv=None):
     try:
         args.cfg_scales = [float(s) for s in args.cfg_scales.split(",")] if args.cfg_scales else []
     except ValueError:
-        raise DataError(f"--cfg-scales {args.cfg_scales!r}: give numbers separated by commas, "
+        raise UserError(f"--cfg-scales {args.cfg_scales!r}: give numbers separated by commas, "
                         f"e.g. 3.0,3.2,3.4") from None
     search = bool(args.cfg_scales) or args.cfg_search is not None
     args.evaluate = bool(args.fid_ref or search or args.metric)
     args.metric = args.metric or "fid"
     if args.cfg_scales and args.cfg_search is not None:
-        raise DataError("give --cfg-scales or --cfg-search, not both")
+        raise UserError("give --cfg-scales or --cfg-search, not both")
     if args.recon_data and (search or args.out_dir):
-        raise DataError("--recon-data scores reconstructions: drop --cfg-scales, --cfg-search and "
+        raise UserError("--recon-data scores reconstructions: drop --cfg-scales, --cfg-search and "
                         "--out-dir")
     if args.evaluate and args.out_dir and not args.recon_data:
-        raise DataError("--out-dir writes PNGs, while --fid-ref / --cfg-scales / --cfg-search / "
+        raise UserError("--out-dir writes PNGs, while --fid-ref / --cfg-scales / --cfg-search / "
                         "--metric score in memory: run one of the two (fid.py scores a PNG folder)")
     if args.recon_data not in ("", "shapes", "cifar10") and not os.path.isdir(args.recon_data):
-        raise DataError(f"data folder not found: {args.recon_data}")  # before a checkpoint loads
+        raise UserError(f"data folder not found: {args.recon_data}")  # before a checkpoint loads
     if args.evaluate and args.metric == "fid" and not (args.fid_ref or args.recon_data):
-        raise DataError("FID needs --fid-ref STATS.npz (python fid.py /imagenet/train --save-stats "
+        raise UserError("FID needs --fid-ref STATS.npz (python fid.py /imagenet/train --save-stats "
                         "STATS.npz, or JiT's jit_in256_stats.npz), or --metric fd-shapes on shapes")
     if args.fid_ref:
         fid.load_stats(args.fid_ref)  # a bad file fails now, not after 50000 samples
@@ -312,7 +312,7 @@ def run(args, rank, world):
     K = model.cfg.num_classes
     if K == 1:
         if args.cfg_scales or args.cfg_search is not None:
-            raise DataError("an unconditional model has no CFG scale to search")
+            raise UserError("an unconditional model has no CFG scale to search")
         kw["cfg_scale"] = 1.0  # unconditional model: nothing to guide
     card = (f"{ck.get('released', '')} {'raw' if args.raw else 'EMA'} weights, step "
             f"{ck.get('step', '?')}").lstrip()
@@ -363,5 +363,5 @@ def run(args, rank, world):
 if __name__ == "__main__":
     try:
         main()
-    except DataError as e:
+    except UserError as e:
         sys.exit(f"error: {error_line(e)}")

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from data import (DataError, autocast, batch_indices, cache_dir, download, error_line, file_hash,
+from data import (UserError, autocast, batch_indices, cache_dir, download, error_line, file_hash,
                   get_dataset, load_checkpoint, load_image, pick_precision, print0, save_checkpoint,
                   save_grid, setup_distributed)
 from model import (UniteConfig, UNITE, ViTBlock, attend, count_params, load_lpips, lpips_loss,
@@ -70,13 +70,13 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def dinov2_file(arch, path=None):
     """Path of the DINOv2 weight file: an explicit path, or <cache dir>/dinov2_<arch>_pretrain.pth
-    (downloaded there only if its sha256 is pinned). Missing -> one-line DataError saying where."""
+    (downloaded there only if its sha256 is pinned). Missing -> one-line UserError saying where."""
     if arch not in DINOV2_SHA256:
-        raise DataError(f"unknown DINOv2 arch {arch!r}: vits14 or vitb14")
+        raise UserError(f"unknown DINOv2 arch {arch!r}: vits14 or vitb14")
     url, digest = DINOV2_URL.format(arch=arch), DINOV2_SHA256[arch]
     if path:  # explicitly given: a mismatch only warns (it may be a re-saved or converted copy)
         if not os.path.isfile(path):
-            raise DataError(f"DINOv2 weight file not found: {path}")
+            raise UserError(f"DINOv2 weight file not found: {path}")
         if digest and file_hash(path) != digest:
             print(f"warning: {path} is not the official {arch} file (sha256 differs)",
                   file=sys.stderr)
@@ -85,7 +85,7 @@ def dinov2_file(arch, path=None):
     if digest:
         return download(url, path, "sha256", digest)
     if not os.path.isfile(path):
-        raise DataError(f"DINOv2 weights not found: download {url} and put it at {path} (or "
+        raise UserError(f"DINOv2 weights not found: download {url} and put it at {path} (or "
                         f"pass --vfm FILE); offline, use a stand-in: --vfm shapesvit or "
                         f"--vfm unite:CKPT")
     print(f"warning: {path}: sha256 not pinned in this code, file not verified", file=sys.stderr)
@@ -132,7 +132,7 @@ class DINOv2(nn.Module):
             try:
                 sd = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:
-                raise DataError(f"{path} is not a DINOv2 state dict ({type(e).__name__})") from None
+                raise UserError(f"{path} is not a DINOv2 state dict ({type(e).__name__})") from None
             depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
             dims = (sd["cls_token"].shape[-1], depth, sd["patch_embed.proj.weight"].shape[-1],
                     math.isqrt(sd["pos_embed"].shape[1] - 1))
@@ -148,7 +148,7 @@ class DINOv2(nn.Module):
             try:
                 self.load_state_dict(sd)  # strict: any other key name is an error
             except RuntimeError as e:
-                raise DataError(f"not an official DINOv2 state dict: "
+                raise UserError(f"not an official DINOv2 state dict: "
                                 f"{str(e).splitlines()[1].strip()}") from None
         self.eval().requires_grad_(False)
 
@@ -262,7 +262,7 @@ def load_shapes_vit(device="cpu"):
         ck = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(ck["model"])
     except Exception as e:
-        raise DataError(f"corrupt cache file {path} ({type(e).__name__}): delete it") from None
+        raise UserError(f"corrupt cache file {path} ({type(e).__name__}): delete it") from None
     net.test_acc = ck["test_acc"]
     return net.to(device).eval().requires_grad_(False)
 
@@ -319,7 +319,7 @@ def load_vfm(spec, image_size):
         return FrozenVFM(net, dinov2_input, net.norm.normalized_shape[0], 16, f"DINOv2 {spec}",
                          False)
     if spec in ("shapesvit", "shapesnet") and image_size != 32:
-        raise DataError(f"--vfm {spec} needs 32x32 images (trained on the built-in shapes data)")
+        raise UserError(f"--vfm {spec} needs 32x32 images (trained on the built-in shapes data)")
     if spec == "shapesvit":
         return FrozenVFM(load_shapes_vit(), lambda x: x, 96, 4,
                          "STAND-IN shapesvit: a small ViT trained on the shapes attributes "
@@ -333,7 +333,7 @@ def load_vfm(spec, image_size):
         path = spec[len("unite:"):]
         m = load_unite(path)
         if m.cfg.image_size != image_size:
-            raise DataError(f"--vfm {spec}: trained at {m.cfg.image_size} px, the VAE is "
+            raise UserError(f"--vfm {spec}: trained at {m.cfg.image_size} px, the VAE is "
                             f"{image_size}")
         return FrozenVFM(UniteFeatures(m.encoder), lambda x: x, m.cfg.latent_dim, m.cfg.grid,
                          f"STAND-IN unite:{path}: a frozen UNITE Generative Encoder, not DINOv2",
@@ -345,7 +345,7 @@ def load_vfm(spec, image_size):
         size = 224 if image_size >= 224 else 56
         return FrozenVFM(net, lambda x: dinov2_input(x, size), 64, size // 14,
                          "STAND-IN random-vit: an untrained ViT (tests only), not DINOv2", True)
-    raise DataError(f"unknown --vfm {spec!r}: dinov2_vitb14, dinov2_vits14, a .pth file, "
+    raise UserError(f"unknown --vfm {spec!r}: dinov2_vitb14, dinov2_vits14, a .pth file, "
                     f"shapesvit, shapesnet, unite:CKPT, random-vit")
 
 
@@ -572,14 +572,14 @@ def find_vae_weights(ck):
 
 def read_weights(path, what):
     """torch.load with weights_only (tensors and plain containers; also argparse.Namespace, which
-    REPA-E's train checkpoints hold under "args"). Anything else: one DataError line."""
+    REPA-E's train checkpoints hold under "args"). Anything else: one UserError line."""
     if not os.path.isfile(path):
-        raise DataError(f"{what} {path}: file not found")
+        raise UserError(f"{what} {path}: file not found")
     torch.serialization.add_safe_globals([argparse.Namespace])
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise DataError(f"{what} {path}: not a weights file readable with weights_only=True "
+        raise UserError(f"{what} {path}: not a weights file readable with weights_only=True "
                         f"({type(e).__name__}); re-save just its state dict with torch.save") \
             from None
 
@@ -591,7 +591,7 @@ def preset_shapes(cfg):
 
 def load_init(path, vcfg):
     """--init FILE -> (AutoencoderKL, VAEConfig, layout). A sendvae.py checkpoint brings its config;
-    any other layout must match --preset's shapes exactly. Otherwise one DataError line naming the
+    any other layout must match --preset's shapes exactly. Otherwise one UserError line naming the
     first missing or mismatched tensor (and the preset the file does match, if any)."""
     ck = read_weights(path, "--init")
     sd, layout = find_vae_weights(ck)
@@ -612,7 +612,7 @@ def load_init(path, vcfg):
                     f"{tuple(own[bad[0]].shape)}" if bad else f"unexpected tensor {extra[0]!r}")
         shapes = {k: v.shape for k, v in sd.items()}
         fits = [n for n, p in VAE_PRESETS.items() if sd and preset_shapes(VAEConfig(**p)) == shapes]
-        raise DataError(f"--init {path} ({layout}): {what}"
+        raise UserError(f"--init {path} ({layout}): {what}"
                         + (f"; the file matches --preset {fits[0]}" if fits else ""))
     vae.load_state_dict(sd)
     return vae, vcfg, layout
@@ -621,7 +621,7 @@ def load_init(path, vcfg):
 def load_disc(path, disc):
     """--disc-init FILE: REPA-E's *-discriminator-ckpt.pt (a bare NLayerDiscriminator state dict), a
     REPA-E train checkpoint ("discriminator"), an LDM / VA-VAE file (state_dict
-    loss.discriminator.*) or a sendvae.py checkpoint ("disc"). Wrong file: one DataError line."""
+    loss.discriminator.*) or a sendvae.py checkpoint ("disc"). Wrong file: one UserError line."""
     ck = read_weights(path, "--disc-init")
     sd = ck.get("discriminator", ck.get("disc", ck)) if isinstance(ck, dict) else None
     if isinstance(ck, dict) and "state_dict" in ck:
@@ -631,7 +631,7 @@ def load_disc(path, disc):
         disc.load_state_dict(sd)
     except Exception as e:
         msg = str(e).splitlines() or [type(e).__name__]
-        raise DataError(f"--disc-init {path}: not a 3-layer ndf-64 PatchGAN state dict "
+        raise UserError(f"--disc-init {path}: not a 3-layer ndf-64 PatchGAN state dict "
                         f"({msg[min(1, len(msg) - 1)].strip()})") from None
 
 
@@ -721,7 +721,7 @@ def celeba_probe_data(folder, size, n, nt):
     description)."""
     attr_file = os.path.join(folder, "list_attr_celeba.txt")
     if not os.path.isfile(attr_file):
-        raise DataError(f"--probe-data {folder}: no list_attr_celeba.txt there")
+        raise UserError(f"--probe-data {folder}: no list_attr_celeba.txt there")
     lines = open(attr_file).read().split("\n")
     names, rows = lines[1].split(), [ln.split() for ln in lines[2:] if ln.strip()]
     part_file = os.path.join(folder, "list_eval_partition.txt")
@@ -888,7 +888,7 @@ def load_vae(path, ck=None):
         vae = AutoencoderKL(VAEConfig(**ck["vae_config"]))
         vae.load_state_dict(ck["vae"])
     except Exception as e:
-        raise DataError(f"{path} is not a sendvae.py checkpoint ({type(e).__name__})") from None
+        raise UserError(f"{path} is not a sendvae.py checkpoint ({type(e).__name__})") from None
     return vae.eval(), ck
 
 
@@ -899,7 +899,7 @@ def load_unite(path, ck=None):
         m = UNITE(UniteConfig(**ck["config"]))
         m.load_state_dict(ck["ema"])
     except Exception as e:
-        raise DataError(f"{path} is not a one-stage train.py checkpoint ({type(e).__name__})") \
+        raise UserError(f"{path} is not a one-stage train.py checkpoint ({type(e).__name__})") \
             from None
     return m.eval()
 
@@ -972,7 +972,7 @@ def main(argv=None):
         dist.barrier()                                                  # ... the others read it
     vfm = (vfm or load_vfm(args.vfm, vcfg.resolution)).to(device)
     if args.data is None:
-        raise DataError(f"--data is required for --preset {args.preset} (an image folder or "
+        raise UserError(f"--data is required for --preset {args.preset} (an image folder or "
                         f"cifar10)")
     ds = get_dataset(args.data, vcfg.resolution, "train")
     g_lat = vcfg.resolution // vcfg.factor
@@ -990,11 +990,11 @@ def main(argv=None):
     args.micro_batch = args.micro_batch or args.batch_size // world
     accum = args.batch_size // (args.micro_batch * world)
     if accum < 1 or accum * args.micro_batch * world != args.batch_size:
-        raise DataError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch "
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch "
                         f"{args.micro_batch} x {world} processes")
     steps_per_epoch = len(ds) // args.batch_size
     if steps_per_epoch == 0:
-        raise DataError(f"{len(ds)} images is fewer than one batch of {args.batch_size}")
+        raise UserError(f"{len(ds)} images is fewer than one batch of {args.batch_size}")
     total = args.max_steps or int(args.epochs * steps_per_epoch)
 
     step = 0
@@ -1002,7 +1002,7 @@ def main(argv=None):
     if resume and os.path.exists(resume):
         ck = load_checkpoint(resume, "sendvae.py ", keys=("vae_config", "vae", "mapper", "step"))
         if ck["vae_config"] != asdict(vcfg) or (disc is None) != (ck.get("disc") is None):
-            raise DataError(f"{resume} was trained with another VAE config or GAN setting; use "
+            raise UserError(f"{resume} was trained with another VAE config or GAN setting; use "
                             f"another --out-dir")
         try:
             vae.load_state_dict(ck["vae"])
@@ -1012,11 +1012,11 @@ def main(argv=None):
                 disc.load_state_dict(ck["disc"])
                 opt_d.load_state_dict(ck["disc_optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise DataError(f"{resume}: another mapper / VFM / optimizer setting "
+            raise UserError(f"{resume}: another mapper / VFM / optimizer setting "
                             f"({type(e).__name__}); use another --out-dir") from None
         step = ck["step"]
     elif args.resume not in ("", "auto"):
-        raise DataError(f"--resume {args.resume}: file not found")
+        raise UserError(f"--resume {args.resume}: file not found")
     ids = [device.index] if device.type == "cuda" else None
     # the mapper's BN buffers are kept equal by update_bn (no broadcast needed)
     model = DDP(raw, device_ids=ids, broadcast_buffers=False) if world > 1 else raw
@@ -1130,7 +1130,7 @@ def main(argv=None):
             bad += 1
             p0(f"step {step}: non-finite loss/gradient, step skipped")
             if bad >= 5:
-                raise DataError("5 non-finite steps in a row: lower --lr or use --precision fp32")
+                raise UserError("5 non-finite steps in a row: lower --lr or use --precision fp32")
         opt.zero_grad(set_to_none=True)
         if opt_d:
             opt_d.zero_grad(set_to_none=True)
@@ -1194,5 +1194,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except DataError as e:
+    except UserError as e:
         sys.exit(f"error: {error_line(e)}")

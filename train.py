@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (DataError, autocast, batch_indices, error_line, get_dataset, load_checkpoint,
+from data import (UserError, autocast, batch_indices, error_line, get_dataset, load_checkpoint,
                   pick_precision, print0, save_checkpoint, save_grid, setup_distributed)
 from model import (PRESETS, UNITE, count_params, generate, l1_loss, load_lpips, lpips_loss,
                    make_config, step_noise)
@@ -95,8 +95,8 @@ def parse_args(argv=None):
     p.add_argument("--flow-copies", type=int, default=None, help="K noised copies per image")
     p.add_argument("--separate", action="store_true",
                    help="separate tokenizer/denoiser weights (Tab. 7a)")
-    p.add_argument("--no-stopgrad", action="store_true",
-                   help="flow loss also reaches the tokenizer (Tab. 7a)")
+    p.add_argument("--stopgrad", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-stopgrad: the flow loss also reaches the tokenizer (Tab. 7a)")
     p.add_argument("--flow-chunk", type=int, default=3,
                    help="flow copies per denoiser forward (released: 3)")
     p.add_argument("--grad-checkpoint", default="auto", choices=["auto", "off", "flow", "all"],
@@ -189,7 +189,7 @@ def parse_args(argv=None):
                    help="FID Inception weight file (default: cache dir / download)")
     args = p.parse_args(argv)
     if args.model not in PRESETS:
-        raise DataError(f"unknown --model {args.model!r}; choose one of {', '.join(PRESETS)}")
+        raise UserError(f"unknown --model {args.model!r}; choose one of {', '.join(PRESETS)}")
     tiny = args.model in ("tiny", "micro")
     if tiny and args.time_budget is None and (args.max_steps, args.epochs) != (None, None):
         # the 10-minute guard is for the default run; an asked-for length runs in full
@@ -204,7 +204,7 @@ def parse_args(argv=None):
     if args.plan:
         return args
     if args.data is None:
-        raise DataError(f"--data is required for --model {args.model} "
+        raise UserError(f"--data is required for --model {args.model} "
                         f"(an ImageFolder path, or cifar10)")
     return args
 
@@ -212,7 +212,7 @@ def parse_args(argv=None):
 def build_config(args, num_classes, **overrides):
     return make_config(args.model, num_classes=num_classes, flow_copies=args.flow_copies,
                        flow_chunk=args.flow_chunk, separate=args.separate,
-                       no_stopgrad=args.no_stopgrad, grad_checkpoint=args.grad_checkpoint,
+                       stopgrad=args.stopgrad, grad_checkpoint=args.grad_checkpoint,
                        **overrides)
 
 
@@ -415,26 +415,26 @@ def main(argv=None):
     tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
     image_size = make_config(args.model).image_size
     if tok and image_size % tok[0].factor:
-        raise DataError(f"--tokenizer: {image_size} px images do not divide by the VAE's "
+        raise UserError(f"--tokenizer: {image_size} px images do not divide by the VAE's "
                         f"factor {tok[0].factor}")
     # two-stage: the VAE latent (B, C, h, w) becomes (h / p)(w / p) GE tokens of C p^2 channels
     try:
         tok_cfg = latent_tokens_config(tok[0], image_size, args.latent_patch) if tok else {}
     except ValueError as e:
-        raise DataError(f"--latent-patch: {e}") from None
+        raise UserError(f"--latent-patch: {e}") from None
     cfg = build_config(args, ds.num_classes, **tok_cfg)
     if ds.num_classes == 1:
         args.cfg_scale = 1.0  # a flat folder is unconditional: nothing to guide
     args.micro_batch = args.micro_batch or args.batch_size // world
     accum = args.batch_size // (args.micro_batch * world)
     if accum < 1 or accum * args.micro_batch * world != args.batch_size:
-        raise DataError(f"--batch-size {args.batch_size} must be a multiple of "
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of "
                         f"--micro-batch {args.micro_batch} x {world} processes")
     steps_per_epoch = len(ds) // args.batch_size
     if steps_per_epoch == 0:
-        raise DataError(f"{len(ds)} images is fewer than one batch of {args.batch_size}")
+        raise UserError(f"{len(ds)} images is fewer than one batch of {args.batch_size}")
     if args.fid_ref and not os.path.isfile(args.fid_ref):
-        raise DataError(f"--fid-ref {args.fid_ref}: file not found "
+        raise UserError(f"--fid-ref {args.fid_ref}: file not found "
                         f"(make one with: python fid.py DATA --save-stats)")
     total = args.max_steps or int(args.epochs * steps_per_epoch)
     # lr schedule in optimizer steps: warmup, hold, end of the cosine (default: the end of the run)
@@ -467,7 +467,7 @@ def main(argv=None):
         ck = load_checkpoint(resume, "train.py ",
                              keys=("config", "model", "ema", "optimizer", "step"))
         if ck["config"] != asdict(cfg):
-            raise DataError(f"{resume} was trained with another model config; "
+            raise UserError(f"{resume} was trained with another model config; "
                             f"use another --out-dir")
         raw.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
@@ -476,7 +476,7 @@ def main(argv=None):
         step, evals = ck["step"], ck.get("evals", [])
         p0(f"resumed from {resume} at step {step}")
     elif args.resume not in ("", "auto"):
-        raise DataError(f"--resume {args.resume}: file not found")
+        raise UserError(f"--resume {args.resume}: file not found")
     # per-rank stream for anything not drawn per sample
     torch.manual_seed(args.seed + rank + 1_000_003 * step)
     model = (DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
@@ -628,5 +628,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except DataError as e:
+    except UserError as e:
         sys.exit(f"error: {error_line(e)}")

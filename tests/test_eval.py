@@ -31,7 +31,7 @@ import fid  # noqa: E402
 import model as unite  # noqa: E402
 import sample  # noqa: E402
 from conftest import ROOT  # noqa: E402
-from data import DataError  # noqa: E402
+from data import UserError  # noqa: E402
 
 SAMPLING = dict(sample_steps=2, sampler="euler", cfg_scale=2.0, cfg_min_t=0.1)
 
@@ -428,7 +428,7 @@ def test_released_file_with_the_wrong_preset_is_one_line(tmp_path):
     (["--metric", "fd-shapes", "--out-dir", "x"], "--out-dir writes PNGs"),
 ])
 def test_user_errors(micro_ckpt, argv, msg):
-    with pytest.raises(DataError, match=None) as e:
+    with pytest.raises(UserError, match=None) as e:
         sample.main([micro_ckpt[0], *argv])
     assert msg in str(e.value)
 

@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import fid  # noqa: E402
-from data import DataError  # noqa: E402
+from data import UserError  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -115,9 +115,9 @@ def test_frechet_singular_sigma_stays_exact(n2):
 
 def test_frechet_rejects_mismatched_or_broken_stats():
     mu, sigma = random_stats(8, 50, 0)
-    with pytest.raises(DataError, match="do not match"):
+    with pytest.raises(UserError, match="do not match"):
         fid.frechet_distance(mu, sigma, mu[:4], sigma[:4, :4])
-    with pytest.raises(DataError, match="NaN"):
+    with pytest.raises(UserError, match="NaN"):
         fid.frechet_distance(mu * np.nan, sigma, mu, sigma)
 
 
@@ -129,7 +129,7 @@ def test_feature_stats(capsys):
     assert capsys.readouterr().err == ""
     fid.feature_stats(x[:5])  # N < D: a warning, not an error
     assert "sigma is singular" in capsys.readouterr().err
-    with pytest.raises(DataError, match="at least 2"):
+    with pytest.raises(UserError, match="at least 2"):
         fid.feature_stats(x[:1])
 
 
@@ -141,7 +141,7 @@ def test_inception_score():
     mean, std = fid.inception_score(logits)
     p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     assert fid.inception_score(p) == pytest.approx((mean, std))  # probabilities give the same
-    with pytest.raises(DataError):
+    with pytest.raises(UserError):
         fid.inception_score(logits[:5])
 
 
@@ -182,7 +182,7 @@ def test_inception_forward_shape_and_logits(inception_file):
     assert net.logits(f).shape == (2, 1008)
     feats = fid.extract_features(net, (x * 255).to(torch.uint8), batch_size=1, progress=False)
     assert feats.shape == (2, 2048) and feats.dtype == np.float32
-    with pytest.raises(DataError, match=r"in \[0, 1\]"):
+    with pytest.raises(UserError, match=r"in \[0, 1\]"):
         fid.extract_features(net, x * 2 - 1, progress=False)  # [-1, 1] samples are a classic bug
 
 
@@ -215,17 +215,17 @@ def test_weight_file_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("MINUNITE_CACHE", str(tmp_path))
     cached = tmp_path / fid.FID_WEIGHTS_URL.rsplit("/", 1)[1]
     cached.write_bytes(b"not the inception weights")
-    with pytest.raises(DataError, match="sha256"):  # wrong file in the cache dir
+    with pytest.raises(UserError, match="sha256"):  # wrong file in the cache dir
         fid.InceptionV3()
     cached.unlink()
     monkeypatch.setattr(fid, "FID_WEIGHTS_URL",
                         "http://127.0.0.1:9/pt_inception-2015-12-05-6726825d.pth")
-    with pytest.raises(DataError, match="put the file at"):  # offline, no file
+    with pytest.raises(UserError, match="put the file at"):  # offline, no file
         fid.InceptionV3()
-    with pytest.raises(DataError, match="not found"):
+    with pytest.raises(UserError, match="not found"):
         fid.InceptionV3(str(tmp_path / "missing.pth"))
     (tmp_path / "junk.pth").write_bytes(b"junk")
-    with pytest.raises(DataError, match="not an FID Inception state dict"):
+    with pytest.raises(UserError, match="not an FID Inception state dict"):
         fid.InceptionV3(str(tmp_path / "junk.pth"))
 
 
@@ -346,7 +346,7 @@ def test_fd_shapes_scale(tiny_shapes_net):
     swapped = fid.fd_shapes(x[:, [2, 0, 1]], net)
     repeated = fid.fd_shapes(x[:1].repeat(600, 1, 1, 1), net)  # mode collapse
     assert real < swapped and real < repeated, (real, swapped, repeated)
-    with pytest.raises(DataError, match="32x32"):
+    with pytest.raises(UserError, match="32x32"):
         fid.extract_features(net, torch.rand(2, 3, 64, 64), progress=False)
 
 

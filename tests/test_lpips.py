@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import data
 import model
-from data import DataError
+from data import UserError
 
 CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)   # conv indices in vgg16.features
 POOLS = (4, 9, 16, 23)                                       # max pools (the last one, 30, unused)
@@ -166,18 +166,18 @@ def test_bad_files_name_the_key(files, tmp_path, which, key, change):
     path = str(tmp_path / "bad.pth")
     torch.save(sd, path)
     paths = {"vgg_path": files["vgg_path"], "lin_path": files["lin_path"], which + "_path": path}
-    with pytest.raises(DataError, match=key.replace(".", r"\.")) as e:
+    with pytest.raises(UserError, match=key.replace(".", r"\.")) as e:
         model.LPIPS(**paths)
     assert path in str(e.value) and "\n" not in str(e.value)
 
 
 def test_missing_or_unreadable_file(files, tmp_path):
     missing = str(tmp_path / "nope.pth")
-    with pytest.raises(DataError, match="nope.pth: no such file"):
+    with pytest.raises(UserError, match="nope.pth: no such file"):
         model.LPIPS(missing, files["lin_path"])
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(DataError, match="junk.pth: not a torch state dict"):
+    with pytest.raises(UserError, match="junk.pth: not a torch state dict"):
         model.LPIPS(files["vgg_path"], str(junk))
 
 
@@ -187,7 +187,7 @@ def test_load_lpips_offline_says_where_to_put_each_file(tmp_path, monkeypatch):
     def offline(url, path):
         raise OSError("no network")
     monkeypatch.setattr(urllib.request, "urlretrieve", offline)
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         model.load_lpips()
     msg = data.error_line(e.value)
     assert msg == str(e.value)                                    # one line
@@ -206,7 +206,7 @@ def test_load_lpips_from_cache(files, tmp_path, monkeypatch):
     with torch.no_grad():
         ref = reference_lpips(files["vgg"], files["lin"], a, b)
         torch.testing.assert_close(net(a, b).double(), ref, rtol=1e-5, atol=1e-7)
-    # a corrupt cached file: DataError naming the file and where it comes from
+    # a corrupt cached file: UserError naming the file and where it comes from
     table["lin"] = ("http://unused/heads.pth", "0" * 64, "heads.pth")
-    with pytest.raises(DataError, match="heads.pth has sha256"):
+    with pytest.raises(UserError, match="heads.pth has sha256"):
         model.load_lpips("cpu")

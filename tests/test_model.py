@@ -57,21 +57,21 @@ def _grads_of_flow(m, x, y):
     cfg = m.cfg
     noise = draw_noise(cfg, len(x))
     z0 = m.encoder(noise["registers"], noise["recon_t"], torch.full_like(y, cfg.num_classes), x)
-    zd = z0 if cfg.no_stopgrad else z0.detach()
+    zd = z0.detach() if cfg.stopgrad else z0
     flow_loss(m.denoiser, zd, y, noise, cfg).backward()
     return m.encoder.patch_embed.weight.grad
 
 
 def test_stopgrad_blocks_flow_loss_from_tokenizer():
     x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
-    for no_stopgrad in (False, True):
-        m = tiny_model(no_stopgrad=no_stopgrad)
+    for stopgrad in (True, False):
+        m = tiny_model(stopgrad=stopgrad)
         with torch.no_grad():  # leave adaLN-Zero init so that z0 depends on the image
             for p in m.parameters():
                 p.add_(0.02 * torch.randn_like(p))
         g = _grads_of_flow(m, x, y)
         # the patch embedding is used only by the tokenizer pass: any gradient there came through z0
-        if no_stopgrad:
+        if not stopgrad:
             assert g is not None and g.abs().sum() > 0
         else:
             assert g is None or g.abs().sum() == 0

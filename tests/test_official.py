@@ -6,7 +6,7 @@ Run: python -m pytest tests/test_official.py -q"""
 import pytest
 import torch
 
-from data import DataError
+from data import UserError
 from model import UNITE, from_official, make_config
 
 
@@ -154,12 +154,12 @@ def test_fixed_tables_are_checked(key, match):
     m = random_model()
     sd = official_state_dict(m)
     sd[key] = sd[key] + 0.01
-    with pytest.raises(DataError, match=match):
+    with pytest.raises(UserError, match=match):
         from_official(sd, m.cfg)
 
 
 def one_line_error(sd, cfg, **kw):
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         from_official(sd, cfg, **kw)
     assert "\n" not in str(e.value)
     return str(e.value)

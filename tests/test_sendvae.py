@@ -24,7 +24,7 @@ import sample
 import sendvae
 import train
 from conftest import ROOT
-from data import DataError
+from data import UserError
 from model import generate, sample_latents, sample_noise
 from vae import VAE_PRESETS, AutoencoderKL, VAEConfig
 
@@ -300,7 +300,7 @@ def test_resume_is_exact(folder, tmp_path):
     for part in ("vae", "mapper", "disc"):
         for k, v in ca[part].items():
             assert torch.equal(v, cb[part][k]), (part, k)  # 2 + resume + 2 == 4, bit for bit
-    with pytest.raises(DataError, match="file not found"):
+    with pytest.raises(UserError, match="file not found"):
         sendvae.main(fast(folder, b, "--resume", str(tmp_path / "nope.pt")))
 
 
@@ -433,7 +433,7 @@ def test_dinov2_loads_the_official_state_dict_and_gives_256_tokens(tmp_path):
     assert torch.equal(net.interpolate_pos_encoding(37, 37), net.pos_embed)  # 518 px: as is
     del sd["blocks.0.ls1.gamma"]
     torch.save(sd, path)
-    with pytest.raises(DataError, match="ls1.gamma"):
+    with pytest.raises(UserError, match="ls1.gamma"):
         sendvae.DINOv2("vitb14", weights_path=path)
 
 

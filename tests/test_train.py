@@ -195,10 +195,10 @@ def test_cifar10_offline_and_corrupt_download(tmp_path, monkeypatch):
     monkeypatch.setenv("MINUNITE_CACHE", str(tmp_path))
     # nothing listens there
     monkeypatch.setattr(data, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
-    with pytest.raises(data.DataError, match="put the file at .*cifar-10-python.tar.gz"):
+    with pytest.raises(data.UserError, match="put the file at .*cifar-10-python.tar.gz"):
         data.get_dataset("cifar10")
     (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"truncated")
-    with pytest.raises(data.DataError, match="md5"):
+    with pytest.raises(data.UserError, match="md5"):
         data.get_dataset("cifar10")
 
 
@@ -210,8 +210,8 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
         loss, st = real(self, *a, **k)
         return loss * float("nan"), st
     monkeypatch.setattr(model.UNITE, "forward", nan_forward)
-    from data import DataError
-    with pytest.raises(DataError, match="5 non-finite steps in a row"):
+    from data import UserError
+    with pytest.raises(UserError, match="5 non-finite steps in a row"):
         train.main(FAST + ["--out-dir", str(tmp_path), "--max-steps", "20"])
     assert "step 0: non-finite" in open(tmp_path / "log.txt").read()
 
@@ -389,5 +389,5 @@ def test_lpips_term_in_training(tmp_path, monkeypatch):
     monkeypatch.setenv("MINUNITE_CACHE", str(tmp_path / "empty"))
     monkeypatch.setattr(urllib.request, "urlretrieve",
                         lambda *a: (_ for _ in ()).throw(OSError("offline")))
-    with pytest.raises(train.DataError, match="LPIPS weights: .*put the file at"):
+    with pytest.raises(train.UserError, match="LPIPS weights: .*put the file at"):
         train.main(FAST + ["--out-dir", str(tmp_path / "x"), "--max-steps", "1", "--lpips"])
