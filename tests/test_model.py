@@ -146,11 +146,13 @@ class GaussianOracle(torch.nn.Module):
 def test_heun_integrates_gaussian_flow_exactly():
     mu, s = 0.7, 0.3
     oracle = GaussianOracle(mu, s, 0.05)
-    noise = torch.randn(4, 16, 8)
+    noise = torch.randn(4, 16, 8, generator=torch.Generator().manual_seed(0))
     z1, nfe = sample_latents(oracle, noise, torch.zeros(4).long(), steps=50, method="heun",
                              shift=0.5)
     exact = mu + s * noise  # the flow map sends eps to mu + s eps
-    assert (z1 - exact).abs().max() < 1e-3
+    # the Heun map is affine in eps: error <= 3e-4 per unit of the largest |eps| (1e-3 at 3.3; this
+    # seed draws 4.1 and errs 1.1e-3)
+    assert (z1 - exact).abs().max() < 3e-4 * noise.abs().max()
     assert nfe == 100 and oracle.calls == 100
     z1e, nfe = sample_latents(oracle, noise, torch.zeros(4).long(), steps=50, method="euler",
                               shift=0.5)
