@@ -1,9 +1,11 @@
 """
-UNITE: one transformer, the Generative Encoder (GE), is both the image tokenizer and the latent denoiser.
-"End-to-End Training for Unified Tokenization and Latent Denoising", Duggal, Bai et al., arXiv 2603.22283.
+UNITE: one transformer, the Generative Encoder (GE), is both the image tokenizer and the latent
+denoiser. "End-to-End Training for Unified Tokenization and Latent Denoising", Duggal, Bai et al.,
+arXiv 2603.22283.
 Definitions only: blocks, the GE, the ViT decoder, the losses, the samplers, and the size presets.
 
-Time convention, used everywhere in this repo (as in UNITE's code): t = 1 is clean data, t = 0 is pure noise,
+Time convention, used everywhere in this repo (as in UNITE's code):
+t = 1 is clean data, t = 0 is pure noise,
     z_t = t * z0 + (1 - t) * eps,    eps ~ N(0, I),    velocity v = dz_t/dt = z0 - eps.
 The GE predicts x (= z0) and the velocity is recovered as v = (x_hat - z_t) / max(1 - t, 0.05).
 The null class (for classifier-free guidance) is index `num_classes`.
@@ -37,14 +39,16 @@ def sincos_1d(dim, positions):
 
 
 def sincos_2d(dim, grid):
-    """Fixed 2-D sin-cos embedding (grid*grid, dim): half the channels for rows, half for columns."""
+    """Fixed 2-D sin-cos embedding (grid*grid, dim): half the channels for rows, half for
+    columns."""
     ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     return torch.cat([sincos_1d(dim // 2, xs.flatten()), sincos_1d(dim // 2, ys.flatten())], dim=1)
 
 
 def rope_tables(n_tokens, head_dim, n_identity=0, theta=10000.0):
-    """1-D RoPE cos/sin tables (n_identity + n_tokens, head_dim) with interleaved pairs ("lang" frequencies,
-    as UNITE's VisionRotaryEmbeddingFast). The first n_identity rows (in-context class tokens) get cos=1, sin=0."""
+    """1-D RoPE cos/sin tables (n_identity + n_tokens, head_dim) with interleaved pairs ("lang"
+    frequencies, as UNITE's VisionRotaryEmbeddingFast). The first n_identity rows
+    (in-context class tokens) get cos=1, sin=0."""
     freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)        # (hd/2,)
     ang = torch.arange(n_tokens).float()[:, None] * freqs[None]                     # (T, hd/2)
     ang = ang.repeat_interleave(2, dim=1)                                            # (T, hd)
@@ -57,9 +61,10 @@ CPU_BF16_MATH_ATTENTION = True  # train.py --plan sets False: count what a GPU's
 
 
 def attend(q, k, v):
-    """F.scaled_dot_product_attention, q/k/v (B, H, T, hd). On CPU in bf16 the fused (flash) kernel measured ~4x
-    slower than the plain math path at this repo's short sequences (fwd + bwd, T = 20..68), while in fp32 it is the
-    faster one: pick the math path for exactly that case."""
+    """F.scaled_dot_product_attention, q/k/v (B, H, T, hd). On CPU in bf16 the fused (flash) kernel
+    measured ~4x slower than the plain math path at this repo's short sequences
+    (fwd + bwd, T = 20..68), while in fp32 it is the faster one: pick the math path for exactly that
+    case."""
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and CPU_BF16_MATH_ATTENTION:
         with sdpa_kernel(SDPBackend.MATH):
             return F.scaled_dot_product_attention(q, k, v)
@@ -67,7 +72,8 @@ def attend(q, k, v):
 
 
 def apply_rope(x, cos, sin):
-    """x (B, H, T, hd); rotate each interleaved pair (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    """x (B, H, T, hd); rotate each interleaved pair
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     rot = torch.stack([-x2, x1], dim=-1).flatten(-2)
     return x * cos.to(x.dtype) + rot * sin.to(x.dtype)
@@ -77,7 +83,8 @@ def apply_rope(x, cos, sin):
 # Generative Encoder blocks (DiT / LightningDiT style, as UNITE's modules/encoder.py)
 
 class Attention(nn.Module):
-    """Multi-head self-attention with QK-RMSNorm and 1-D RoPE, through F.scaled_dot_product_attention."""
+    """Multi-head self-attention with QK-RMSNorm and 1-D RoPE, through
+    F.scaled_dot_product_attention."""
 
     def __init__(self, dim, heads, qk_norm=True):
         super().__init__()
@@ -89,17 +96,20 @@ class Attention(nn.Module):
 
     def forward(self, x, rope=None):
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3x (B,H,T,hd)
-        q, k = self.q_norm(q.float()), self.k_norm(k.float())  # QK-RMSNorm in fp32 (under autocast q, k are bf16)
+        # 3x (B,H,T,hd)
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        # QK-RMSNorm in fp32 (under autocast q, k are bf16)
+        q, k = self.q_norm(q.float()), self.k_norm(k.float())
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         # attend in v's dtype: bf16 under autocast, as the code
         x = attend(q.to(v.dtype), k.to(v.dtype), v)
-        return self.proj(x.transpose(1, 2).reshape(B, T, D))                                        # (B, T, D)
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
 
 
 class SwiGLU(nn.Module):
-    """SwiGLU MLP with hidden = int(2/3 * 4 * dim) (2048 for dim 768), so it costs as much as a 4x GELU MLP."""
+    """SwiGLU MLP with hidden = int(2/3 * 4 * dim) (2048 for dim 768), so it costs as much as
+    a 4x GELU MLP."""
 
     def __init__(self, dim):
         super().__init__()
@@ -113,8 +123,9 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block: RMSNorm -> adaLN -> attn -> gated residual; same for the MLP; then a per-block RMSNorm of
-    the residual stream ("block norm", kept by the paper for stability, Tab. 7b)."""
+    """Pre-norm block: RMSNorm -> adaLN -> attn -> gated residual; same for the MLP; then a
+    per-block RMSNorm of the residual stream ("block norm", kept by the paper for stability,
+    Tab. 7b)."""
 
     def __init__(self, dim, heads, qk_norm=True, block_norm=True):
         super().__init__()
@@ -132,7 +143,8 @@ class Block(nn.Module):
 
 
 class FourierTimeEmbed(nn.Module):
-    """Gaussian-Fourier features of t in [0, 1] (not x1000): fixed W ~ N(0, 1), sin/cos(2 pi t W) -> MLP."""
+    """Gaussian-Fourier features of t in [0, 1] (not x1000): fixed W ~ N(0, 1),
+    sin/cos(2 pi t W) -> MLP."""
 
     def __init__(self, dim, n_freq=256):
         super().__init__()
@@ -140,8 +152,8 @@ class FourierTimeEmbed(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(2 * n_freq, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
-        ang = 2 * math.pi * t.float()[:, None] * self.W[None]                           # (B, n_freq)
-        return self.mlp(torch.cat([ang.sin(), ang.cos()], dim=1))                       # (B, D)
+        ang = 2 * math.pi * t.float()[:, None] * self.W[None]                          # (B, n_freq)
+        return self.mlp(torch.cat([ang.sin(), ang.cos()], dim=1))                      # (B, D)
 
 
 # -----------------------------------------------------------------------------
@@ -158,37 +170,48 @@ class UniteConfig:
     dec_depth: int = 12
     dec_width: int = 768
     dec_heads: int = 12
-    dec_in_width: int = 768         # width between the decoder's two input Linears (released code: 768)
+    dec_in_width: int = 768         # width between the decoder's two input Linears
+                                    # (released code: 768)
     num_classes: int = 1000         # null class = num_classes
-    in_context_len: int = 32        # class tokens prepended from block in_context_start on (0 = off)
+    in_context_len: int = 32        # class tokens prepended from block in_context_start on
+                                    # (0 = off)
     in_context_start: int = 4
     qk_norm: bool = True
     block_norm: bool = True
     class_dropout: float = 0.1      # label dropout in the denoising pass, for CFG
-    recon_t_max: float = 0.01       # tokenizer pass uses t ~ U[0, 0.01): the max-noise end (code's config)
-    recon_weight: float = 1.0       # L = w * L_recon + L_flow; the code has w = 1 with L_recon = L1 + LPIPS. The tiny
-                                    # preset has no LPIPS and its flow loss is ~10x its L1, so Muon's updates of the
-                                    # shared GE favour denoising: it sets w = 30 (w = 10 / 30 / 100: docs/experiments.md)
+    recon_t_max: float = 0.01       # tokenizer pass uses t ~ U[0, 0.01): the max-noise end
+                                    # (code's config)
+    recon_weight: float = 1.0       # L = w * L_recon + L_flow; the code has w = 1 with
+                                    # L_recon = L1 + LPIPS. The tiny preset has no LPIPS and its
+                                    # flow loss is ~10x its L1, so Muon's updates of the shared GE
+                                    # favour denoising: it sets w = 30
+                                    # (w = 10 / 30 / 100: docs/experiments.md)
     noise_aug_prob: float = 0.5     # decoder-input noise augmentation on half the batch ...
     noise_aug_min: float = 0.7      # ... with s ~ U[0.7, 1] (Tab. 7c)
     flow_copies: int = 14           # K noised copies per image (A1 Tab. 8; the code's config has 3)
-    flow_chunk: int = 3             # copies per denoiser forward (released flow_mini_batch): bounds the
-                                    # recompute transient of checkpointed blocks, not the saved activations
+    flow_chunk: int = 3             # copies per denoiser forward (released flow_mini_batch): bounds
+                                    # the recompute transient of checkpointed blocks, not the saved
+                                    # activations
     time_shift: float = 0.5         # alpha of t' = a t / (1 + (a - 1) t) (Tab. 7e)
     t_eps: float = 0.05             # (1 - t) clamp in the velocity
     separate: bool = False          # Tab. 7a: separate tokenizer and denoiser weights
-    stopgrad: bool = True           # Tab. 7a: False lets the flow loss reach the tokenizer through z0
-    grad_checkpoint: str = "auto"   # recompute GE blocks in backward: off | flow (denoising pass) | all
-                                    # (both passes) | auto = flow when K > 4, as the released UNITE.__init__
-    latent_tokens: int = 0          # latent registers; 0 = one per image patch (molecules.py sets its own)
-    input_tokens: int = 0           # tokens the input embedding appends after the registers; 0 = image patches
+    stopgrad: bool = True           # Tab. 7a: False lets the flow loss reach the tokenizer
+                                    # through z0
+    grad_checkpoint: str = "auto"   # recompute GE blocks in backward: off | flow (denoising pass) |
+                                    # all (both passes) | auto = flow when K > 4, as the released
+                                    # UNITE.__init__
+    latent_tokens: int = 0          # latent registers; 0 = one per image patch (molecules.py sets
+                                    # its own)
+    input_tokens: int = 0           # tokens the input embedding appends after the registers;
+                                    # 0 = image patches
 
     @property
     def grid(self):
         return self.image_size // self.patch_size
 
     @property
-    def num_tokens(self):           # latent registers = image patches (256 at 256 px, patch 16) unless set
+    def num_tokens(self):           # latent registers = image patches (256 at 256 px, patch 16)
+                                    # unless set
         return self.latent_tokens or self.grid ** 2
 
 
@@ -196,8 +219,9 @@ class UniteConfig:
 # the Generative Encoder
 
 class PatchEmbed(nn.Conv2d):
-    """The image input embedding: (B, 3, H, W) -> patch tokens (B, P, D) in raster order. Any module with this
-    contract (input -> (B, P, D)) can replace it; molecules.py passes its atom-token embedding."""
+    """The image input embedding: (B, 3, H, W) -> patch tokens (B, P, D) in raster order. Any module
+    with this contract (input -> (B, P, D)) can replace it; molecules.py passes its atom-token
+    embedding."""
 
     def __init__(self, dim, patch_size):
         super().__init__(3, dim, patch_size, patch_size)
@@ -208,12 +232,13 @@ class PatchEmbed(nn.Conv2d):
 
 class GenerativeEncoder(nn.Module):
     """One transformer, two modes on the same weights:
-      tokenize(images)   -> z0 (B, K, C): registers start as Gaussian noise, t ~ U[0, 0.01), null class,
-                            image patch tokens appended after the registers (patches are dropped at the end).
+      tokenize(images)   -> z0 (B, K, C): registers start as Gaussian noise, t ~ U[0, 0.01), null
+                            class, image patch tokens appended after the registers (patches are
+                            dropped at the end).
       denoise(z_t, t, y) -> x-prediction (B, K, C) of z0.
-    Both outputs go through the same affine LayerNorm(C) (the paper's "final normalization", Tab. 7b).
-    `input_embed` maps the tokenizer's input to (B, P, D) tokens (default: image patches; kept under the name
-    patch_embed so image checkpoints keep their keys)."""
+    Both outputs go through the same affine LayerNorm(C) (the paper's "final normalization",
+    Tab. 7b). `input_embed` maps the tokenizer's input to (B, P, D) tokens (default: image patches;
+    kept under the name patch_embed so image checkpoints keep their keys)."""
 
     def __init__(self, cfg: UniteConfig, with_patch_embed=True, input_embed=None):
         super().__init__()
@@ -221,21 +246,25 @@ class GenerativeEncoder(nn.Module):
         D, K = cfg.enc_width, cfg.num_tokens
         self.patch_embed = (input_embed if input_embed is not None
                             else PatchEmbed(D, cfg.patch_size) if with_patch_embed else None)
-        # In the released code the image patches get no absolute position embedding (its MAE pos-emb buffer
-        # stays zero): patch positions come only from RoPE, in raster order after the registers.
+        # In the released code the image patches get no absolute position embedding (its MAE pos-emb
+        # buffer stays zero): patch positions come only from RoPE, in raster order after the
+        # registers.
         self.latent_in = nn.Linear(cfg.latent_dim, D)
-        self.latent_pos = nn.Parameter(sincos_1d(D, torch.arange(K)).unsqueeze(0))   # learned, sin-cos init
+        # learned, sin-cos init
+        self.latent_pos = nn.Parameter(sincos_1d(D, torch.arange(K)).unsqueeze(0))
         self.t_embed = FourierTimeEmbed(D)
-        self.y_embed = nn.Embedding(cfg.num_classes + 1, D)                           # + null class
-        self.in_context_pos = nn.Parameter(torch.randn(1, cfg.in_context_len, D) * 0.02) if cfg.in_context_len else None
+        self.y_embed = nn.Embedding(cfg.num_classes + 1, D)                # + null class
+        self.in_context_pos = (nn.Parameter(torch.randn(1, cfg.in_context_len, D) * 0.02)
+                               if cfg.in_context_len else None)
         self.blocks = nn.ModuleList(Block(D, cfg.enc_heads, cfg.qk_norm, cfg.block_norm)
                                     for _ in range(cfg.enc_depth))
         self.final_norm = nn.RMSNorm(D, eps=1e-6)
         self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.final_linear = nn.Linear(D, cfg.latent_dim)
-        self.out_norm = nn.LayerNorm(cfg.latent_dim)                                  # affine, on every output
+        self.out_norm = nn.LayerNorm(cfg.latent_dim)                       # affine, on every output
         hd = D // cfg.enc_heads
-        max_tokens = K + (cfg.input_tokens or cfg.grid ** 2)  # registers + patches (or other input tokens)
+        # registers + patches (or other input tokens)
+        max_tokens = K + (cfg.input_tokens or cfg.grid ** 2)
         for name, n_id in (("rope", 0), ("rope_ic", cfg.in_context_len)):
             cos, sin = rope_tables(max_tokens, hd, n_id)
             self.register_buffer(name + "_cos", cos, persistent=False)
@@ -243,7 +272,8 @@ class GenerativeEncoder(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        # as UNITE's Encoder.initialize_weights: xavier Linear, zero bias, N(0, .02) tables, adaLN-Zero
+        # as UNITE's Encoder.initialize_weights: xavier Linear, zero bias, N(0, .02) tables,
+        # adaLN-Zero
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -259,16 +289,19 @@ class GenerativeEncoder(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, z, t, y, images=None, checkpoint_blocks=False):
-        """z (B, K, C) registers, t (B,) in [0,1], y (B,) labels (num_classes = null), images (B, 3, H, W) (or
-        whatever input_embed takes) or None. Returns the LayerNorm-ed register outputs (B, K, C).
-        checkpoint_blocks: keep only each block's input for backward and recompute the rest there."""
+        """z (B, K, C) registers, t (B,) in [0,1], y (B,) labels (num_classes = null),
+        images (B, 3, H, W) (or whatever input_embed takes) or None. Returns the LayerNorm-ed
+        register outputs (B, K, C).
+        checkpoint_blocks: keep only each block's input for backward and recompute the rest
+        there."""
         cfg, K = self.cfg, z.shape[1]
-        x = self.latent_in(z) + self.latent_pos                                       # (B, K, D)
+        x = self.latent_in(z) + self.latent_pos                                 # (B, K, D)
         if images is not None:
-            p = self.patch_embed(images)                                              # (B, P, D)
-            x = torch.cat([x, p], dim=1)                                              # (B, K+P, D)
-        y_emb = self.y_embed(y)                                                       # (B, D)
-        c = self.t_embed(t) + y_emb                                                   # (B, D) drives every adaLN
+            p = self.patch_embed(images)                                        # (B, P, D)
+            x = torch.cat([x, p], dim=1)                                        # (B, K+P, D)
+        y_emb = self.y_embed(y)                                                 # (B, D)
+        # (B, D) drives every adaLN
+        c = self.t_embed(t) + y_emb
         T, L = x.shape[1], cfg.in_context_len
         rope = (self.rope_cos[:T], self.rope_sin[:T])
         for i, blk in enumerate(self.blocks):
@@ -281,15 +314,16 @@ class GenerativeEncoder(nn.Module):
             else:
                 x = blk(x, c, rope)
         if L > 0 and cfg.in_context_start < len(self.blocks):
-            x = x[:, L:]                                                              # drop class tokens
-        x = x[:, :K]                                                                  # keep the registers
+            x = x[:, L:]                                                        # drop class tokens
+        x = x[:, :K]                                                            # keep the registers
         shift, scale = self.final_adaLN(c).chunk(2, dim=1)
-        x = self.final_linear(modulate(self.final_norm(x), shift, scale))            # (B, K, C)
-        return self.out_norm(x.float())                                               # LayerNorm in fp32
+        x = self.final_linear(modulate(self.final_norm(x), shift, scale))      # (B, K, C)
+        return self.out_norm(x.float())                                         # LayerNorm in fp32
 
     def tokenize(self, images, noise=None, t=None):
-        """Pass 1: image -> z0 (B, K, C). Registers = Gaussian noise (B, K, C), t ~ U[0, recon_t_max) (B,),
-        class = null. Pass noise / t to fix them (training draws them per sample; checks compare codes)."""
+        """Pass 1: image -> z0 (B, K, C). Registers = Gaussian noise (B, K, C),
+        t ~ U[0, recon_t_max) (B,), class = null. Pass noise / t to fix them (training draws them
+        per sample; checks compare codes)."""
         B, cfg, dev = images.shape[0], self.cfg, images.device
         if noise is None:
             noise = torch.randn(B, cfg.num_tokens, cfg.latent_dim, device=dev)
@@ -314,11 +348,13 @@ class ViTBlock(nn.Module):
         self.heads = heads
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps)
         self.attn = nn.ModuleDict(dict(qkv=nn.Linear(dim, 3 * dim), proj=nn.Linear(dim, dim)))
-        self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(dim, int(dim * mlp_ratio)), fc2=nn.Linear(int(dim * mlp_ratio), dim)))
+        self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(dim, int(dim * mlp_ratio)),
+                                      fc2=nn.Linear(int(dim * mlp_ratio), dim)))
 
     def forward(self, x):
         B, T, D = x.shape
-        q, k, v = self.attn.qkv(self.norm1(x)).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (self.attn.qkv(self.norm1(x)).view(B, T, 3, self.heads, D // self.heads)
+                   .permute(2, 0, 3, 1, 4))
         a = attend(q, k, v).transpose(1, 2).reshape(B, T, D)
         x = x + self.attn.proj(a)
         return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
@@ -326,19 +362,22 @@ class ViTBlock(nn.Module):
 
 class Decoder(nn.Module):
     """Latent (B, K, C) -> image (B, 3, H, W) in [0, 1] (no output activation; clamp only at eval).
-    The input is two Linear layers, C -> dec_in_width -> D, as the released code (its `up_sample_decoder`,
-    hard-coded to 768, then the decoder's `decoder_embed`): one linear map, but kept as two so the released
-    weights load key for key and training starts from the same (PyTorch default) init."""
+    The input is two Linear layers, C -> dec_in_width -> D, as the released code (its
+    `up_sample_decoder`, hard-coded to 768, then the decoder's `decoder_embed`): one linear map, but
+    kept as two so the released weights load key for key and training starts from the same
+    (PyTorch default) init."""
 
     def __init__(self, cfg: UniteConfig):
         super().__init__()
         D, p = cfg.dec_width, cfg.patch_size
         self.cfg = cfg
-        self.embed = nn.Sequential(nn.Linear(cfg.latent_dim, cfg.dec_in_width), nn.Linear(cfg.dec_in_width, D))
+        self.embed = nn.Sequential(nn.Linear(cfg.latent_dim, cfg.dec_in_width),
+                                   nn.Linear(cfg.dec_in_width, D))
         self.cls = nn.Parameter(torch.zeros(1, 1, D))
-        pos = torch.cat([torch.zeros(1, D), sincos_2d(D, cfg.grid)])                 # CLS slot = 0
-        self.register_buffer("pos", pos.unsqueeze(0), persistent=False)              # (1, 1+K, D) fixed
-        self.blocks = nn.ModuleList(ViTBlock(D, cfg.dec_heads, eps=1e-12) for _ in range(cfg.dec_depth))
+        pos = torch.cat([torch.zeros(1, D), sincos_2d(D, cfg.grid)])             # CLS slot = 0
+        self.register_buffer("pos", pos.unsqueeze(0), persistent=False)          # (1, 1+K, D) fixed
+        self.blocks = nn.ModuleList(ViTBlock(D, cfg.dec_heads, eps=1e-12)
+                                    for _ in range(cfg.dec_depth))
         self.norm = nn.LayerNorm(D, eps=1e-12)
         self.head = nn.Linear(D, p * p * 3)
 
@@ -347,8 +386,8 @@ class Decoder(nn.Module):
         x = torch.cat([self.cls.expand(B, -1, -1), self.embed(z)], dim=1) + self.pos  # (B, 1+K, D)
         for blk in self.blocks:
             x = blk(x)
-        x = self.head(self.norm(x))[:, 1:]                                            # (B, K, p*p*3)
-        x = x.reshape(B, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4)                      # (B, 3, g, p, g, p)
+        x = self.head(self.norm(x))[:, 1:]                                     # (B, K, p*p*3)
+        x = x.reshape(B, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4)               # (B, 3, g, p, g, p)
         return x.reshape(B, 3, g * p, g * p).float()
 
 
@@ -497,22 +536,22 @@ def draw_noise(cfg: UniteConfig, B, device=None, generator=None):
     rand = lambda *s: torch.rand(*s, device=device, generator=generator)
     randn = lambda *s: torch.randn(*s, device=device, generator=generator)
     return dict(
-        flip=rand(B) < 0.5,                                      # horizontal flip (data augmentation)
-        registers=randn(B, T, C),                                # tokenizer pass: registers start as noise
-        recon_t=rand(B) * cfg.recon_t_max,                       # tokenizer pass: t ~ U[0, 0.01)
-        aug_mask=rand(B) < cfg.noise_aug_prob,                   # decoder-input noise on half the batch ...
+        flip=rand(B) < 0.5,                              # horizontal flip (data augmentation)
+        registers=randn(B, T, C),                        # tokenizer pass: registers start as noise
+        recon_t=rand(B) * cfg.recon_t_max,               # tokenizer pass: t ~ U[0, 0.01)
+        aug_mask=rand(B) < cfg.noise_aug_prob,           # decoder-input noise on half the batch ...
         aug_s=cfg.noise_aug_min + (1 - cfg.noise_aug_min) * rand(B),  # ... s ~ U[0.7, 1]
         aug_eps=randn(B, T, C),
-        flow_t=sample_t(randn(B, K), cfg.time_shift),            # K noised copies per image
+        flow_t=sample_t(randn(B, K), cfg.time_shift),    # K noised copies per image
         flow_eps=randn(B, K, T, C),
-        drop=rand(B, K) < cfg.class_dropout,                     # label dropout for CFG
+        drop=rand(B, K) < cfg.class_dropout,             # label dropout for CFG
     )
 
 
 def step_noise(cfg: UniteConfig, seed, step, rows, device=None):
-    """draw_noise for the global samples `rows` of training step `step`, each from its own generator seeded
-    by (seed, step, row). A rank draws only its own micro-batch (no global-batch buffer), and the run is
-    the same on any number of GPUs, at any accumulation, and after --resume."""
+    """draw_noise for the global samples `rows` of training step `step`, each from its own generator
+    seeded by (seed, step, row). A rank draws only its own micro-batch (no global-batch buffer), and
+    the run is the same on any number of GPUs, at any accumulation, and after --resume."""
     device = torch.device(device or "cpu")
     parts = [draw_noise(cfg, 1, device, torch.Generator(device).manual_seed(
         ((seed * 1_000_003 + step) * 1_000_003 + int(r)) % 2 ** 63)) for r in rows]
@@ -520,48 +559,50 @@ def step_noise(cfg: UniteConfig, seed, step, rows, device=None):
 
 
 def sample_t(normal, shift):
-    """Training t from standard normals: logit-normal(0, 1), then shifted t' = a t / (1 + (a-1) t); a = 0.5
-    pushes t toward noise (t=0), median 0.5 -> 0.33 (code's modules/denoiser.py; the paper text says U[0, 1])."""
+    """Training t from standard normals: logit-normal(0, 1), then shifted t' = a t / (1 + (a-1) t);
+    a = 0.5 pushes t toward noise (t=0), median 0.5 -> 0.33 (code's modules/denoiser.py; the paper
+    text says U[0, 1])."""
     t = torch.sigmoid(normal)
     return shift * t / (1 + (shift - 1) * t)
 
 
 def noise_augment(z, noise):
-    """Decoder-input noise: z~ = s z + (1 - s) eps with s ~ U[0.7, 1] on a random half of the samples (code;
-    the paper text writes z + 0.7 eps). Gradients flow through both branches."""
+    """Decoder-input noise: z~ = s z + (1 - s) eps with s ~ U[0.7, 1] on a random half of the
+    samples (code; the paper text writes z + 0.7 eps). Gradients flow through both branches."""
     s = noise["aug_s"][:, None, None]
     return torch.where(noise["aug_mask"][:, None, None], s * z + (1 - s) * noise["aug_eps"], z)
 
 
 def checkpoint_flow(cfg: UniteConfig):
-    """Recompute the denoising pass's blocks in backward? The released UNITE.__init__ turns it on when
-    K > 4: the K copies then hold far more activations than the tokenizer pass."""
-    return cfg.grad_checkpoint in ("flow", "all") or (cfg.grad_checkpoint == "auto" and cfg.flow_copies > 4)
+    """Recompute the denoising pass's blocks in backward? The released UNITE.__init__ turns it on
+    when K > 4: the K copies then hold far more activations than the tokenizer pass."""
+    return (cfg.grad_checkpoint in ("flow", "all")
+            or (cfg.grad_checkpoint == "auto" and cfg.flow_copies > 4))
 
 
 def flow_loss(denoiser, z0, y, noise, cfg: UniteConfig):
-    """Pass 2 on K noised copies of z0 (B, T, C), cfg.flow_chunk copies per forward (B * chunk sequences,
-    as the released forward_denoising). x-prediction trained with the velocity-space MSE:
+    """Pass 2 on K noised copies of z0 (B, T, C), cfg.flow_chunk copies per forward (B * chunk
+    sequences, as the released forward_denoising). x-prediction trained with the velocity-space MSE:
     mean[((z0 - x_hat) / max(1 - t, 0.05))^2]. As in the code, the K per-copy batch means are SUMMED
     (never divided by K)."""
     B, K, rest = z0.shape[0], cfg.flow_copies, z0.shape[1:]
     total = 0.0
     for k0 in range(0, K, cfg.flow_chunk):
-        c = min(K, k0 + cfg.flow_chunk) - k0                                         # copies in this chunk
-        zd = z0.unsqueeze(1).expand(B, c, *rest).reshape(B * c, *rest)               # (B*c, T, C)
+        c = min(K, k0 + cfg.flow_chunk) - k0                                  # copies in this chunk
+        zd = z0.unsqueeze(1).expand(B, c, *rest).reshape(B * c, *rest)        # (B*c, T, C)
         t = noise["flow_t"][:, k0:k0 + c].reshape(B * c)
         yd = torch.where(noise["drop"][:, k0:k0 + c], cfg.num_classes, y[:, None]).reshape(B * c)
         eps = noise["flow_eps"][:, k0:k0 + c].reshape(zd.shape)
         z_t = t[:, None, None] * zd + (1 - t[:, None, None]) * eps
         x_hat = denoiser.denoise(z_t, t, yd, checkpoint_blocks=checkpoint_flow(cfg))
         w = (1 - t).clamp_min(cfg.t_eps)[:, None, None]
-        per_sample = (((zd - x_hat) / w) ** 2).mean(dim=(1, 2))                      # (B*c,)
-        total = total + per_sample.view(B, c).mean(0).sum()                           # sum of copy means
+        per_sample = (((zd - x_hat) / w) ** 2).mean(dim=(1, 2))               # (B*c,)
+        total = total + per_sample.view(B, c).mean(0).sum()                    # sum of copy means
     return total
 
 
 def l1_loss(recon, images):
-    return F.l1_loss(recon, images.float())                                           # L1 on [0, 1] images
+    return F.l1_loss(recon, images.float())  # L1 on [0, 1] images
 
 
 class UNITE(nn.Module):
@@ -574,8 +615,8 @@ class UNITE(nn.Module):
                                              z_t = t z0 + (1 - t) eps
 
     The flow loss reaches the GE only through the denoising pass (the paper's stop-grad, Tab. 7a).
-    Other modalities pass their own input embedding, decoder and recon_loss(decoder_output, input) -> scalar
-    (molecules.py); the GE, the flow loss and the samplers are the same."""
+    Other modalities pass their own input embedding, decoder and recon_loss(decoder_output, input)
+    -> scalar (molecules.py); the GE, the flow loss and the samplers are the same."""
 
     def __init__(self, cfg: UniteConfig, input_embed=None, decoder=None, recon_loss=l1_loss):
         super().__init__()
@@ -593,16 +634,18 @@ class UNITE(nn.Module):
         cfg = self.cfg
         if noise is None:
             noise = draw_noise(cfg, images.shape[0], images.device)
-        z0 = self.encoder.tokenize(images, noise["registers"], noise["recon_t"])     # pass 1: (B, T, C)
+        # pass 1: (B, T, C)
+        z0 = self.encoder.tokenize(images, noise["registers"], noise["recon_t"])
         recon = self.decoder(noise_augment(z0, noise))
         rec = self.recon_loss(recon, images)
-        zd = z0.detach() if cfg.stopgrad else z0                                   # stop-grad (Tab. 7a)
-        flow = flow_loss(self.denoiser, zd.float(), labels, noise, cfg)               # pass 2
+        zd = z0.detach() if cfg.stopgrad else z0                               # stop-grad (Tab. 7a)
+        flow = flow_loss(self.denoiser, zd.float(), labels, noise, cfg)           # pass 2
         return cfg.recon_weight * rec + flow, {"recon": rec.detach(), "flow": flow.detach()}
 
     @torch.no_grad()
     def reconstruct(self, images, noise=None, t=None):
-        """EMA-style inference: tokenize (fresh register noise and t unless given), decode, clamp."""
+        """EMA-style inference: tokenize (fresh register noise and t unless given), decode,
+        clamp."""
         return self.decoder(self.encoder.tokenize(images, noise, t)).clamp(0, 1)
 
 
@@ -722,7 +765,8 @@ def from_official(state_dict, cfg: UniteConfig, preset=None):
              "encoder.feat_rope_incontext.freqs_sin": enc.rope_ic_sin,
              "decoder.decoder_pos_embed": model.decoder.pos}
     # tolerance 1e-4: their EMA also averages the frozen decoder_pos_embed (a requires_grad=False
-    # parameter), which moves it by ~3e-6 in float32; a table of another shape or grid is off by O(1)
+    # parameter), which moves it by ~3e-6 in float32; a table of another shape or grid is off
+    # by O(1)
     for name, table in fixed.items():
         v = sd.get(name)
         if v is not None and (v.shape != table.shape or (v.float() - table).abs().max() > 1e-4):
@@ -732,8 +776,8 @@ def from_official(state_dict, cfg: UniteConfig, preset=None):
 
 
 # -----------------------------------------------------------------------------
-# samplers: fixed-step Euler / Heun on the shifted grid, adaptive dopri5 (released), CFG on the LayerNorm-ed
-# x-prediction
+# samplers: fixed-step Euler / Heun on the shifted grid, adaptive dopri5 (released), CFG on the
+# LayerNorm-ed x-prediction
 
 def time_grid(steps, shift, device=None):
     """steps+1 times from 0 (noise) to 1 (clean), warped by the same shift as training."""
@@ -887,39 +931,49 @@ def sample_latents(denoiser, noise, y, steps=50, method="heun", cfg_scale=1.0, c
 
 
 def sample_noise(indices, seed, shape, device=None):
-    """Starting noise for samples by global index: sample i is the same on 1 or 8 GPUs and at any batch size."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
-                        for i in indices]).to(device)
+    """Starting noise for samples by global index: sample i is the same on 1 or 8 GPUs and at any
+    batch size."""
+    return torch.stack([
+        torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
+        for i in indices]).to(device)
 
 
 @torch.no_grad()
 def generate(model, indices, num_classes, seed=0, labels=None, decoder=None, **sampler):
-    """Images (N, 3, H, W) in [0, 1] for the given global sample indices; labels default to class-balanced
-    i % num_classes. `decoder` defaults to model.decoder (sendvae.py passes its VAE decoder). Returns (x, nfe)."""
+    """Images (N, 3, H, W) in [0, 1] for the given global sample indices; labels default to
+    class-balanced i % num_classes. `decoder` defaults to model.decoder (sendvae.py passes its VAE
+    decoder). Returns (x, nfe)."""
     cfg, dev = model.cfg, next(model.parameters()).device
-    y = torch.as_tensor(labels if labels is not None else [i % num_classes for i in indices], device=dev)
-    z, nfe = sample_latents(model.denoiser, sample_noise(indices, seed, (cfg.num_tokens, cfg.latent_dim), dev),
+    y = torch.as_tensor(labels if labels is not None else [i % num_classes for i in indices],
+                        device=dev)
+    z, nfe = sample_latents(model.denoiser,
+                            sample_noise(indices, seed, (cfg.num_tokens, cfg.latent_dim), dev),
                             y, shift=cfg.time_shift, t_eps=cfg.t_eps, **sampler)
     return (decoder or model.decoder)(z).clamp(0, 1), nfe
 
 
 # -----------------------------------------------------------------------------
-# size presets: GE / decoder shapes. B = GE 12x768 (130.6M) + decoder 12x768 (86.2M); L and XL keep the B decoder.
+# size presets: GE / decoder shapes. B = GE 12x768 (130.6M) + decoder 12x768 (86.2M); L and XL keep
+# the B decoder.
 
 PRESETS = {
-    # tiny: a CPU preset for 32 px. The GE is narrow (64) because at an equal CPU budget the shape accuracy of the
-    # samples follows the compute spent, not the width, and a narrow GE takes more steps in the same time; the
-    # decoder stays at 128 (decoder 64 vs 128, one run each at about the same CPU time: FD-shapes 182 vs 161;
-    # docs/experiments.md).
+    # tiny: a CPU preset for 32 px. The GE is narrow (64) because at an equal CPU budget the shape
+    # accuracy of the samples follows the compute spent, not the width, and a narrow GE takes more
+    # steps in the same time; the decoder stays at 128 (decoder 64 vs 128, one run each at about the
+    # same CPU time: FD-shapes 182 vs 161; docs/experiments.md).
     "tiny": dict(image_size=32, patch_size=8, latent_dim=16, enc_depth=6, enc_width=64, enc_heads=2,
-                 dec_depth=4, dec_width=128, dec_heads=2, dec_in_width=128, in_context_len=4, in_context_start=2, flow_copies=2,
+                 dec_depth=4, dec_width=128, dec_heads=2, dec_in_width=128, in_context_len=4,
+                 in_context_start=2, flow_copies=2,
                  recon_weight=30.0),
-    "micro": dict(image_size=32, patch_size=8, latent_dim=8, enc_depth=2, enc_width=64, enc_heads=2, dec_depth=1,
-                  dec_width=64, dec_heads=2, dec_in_width=64, in_context_len=2, in_context_start=1, flow_copies=2),  # tests
+    "micro": dict(image_size=32, patch_size=8, latent_dim=8, enc_depth=2, enc_width=64, enc_heads=2,
+                  dec_depth=1, dec_width=64, dec_heads=2, dec_in_width=64, in_context_len=2,
+                  in_context_start=1, flow_copies=2),  # tests
     "S": dict(enc_depth=12, enc_width=384, enc_heads=6, dec_depth=12, dec_width=384, dec_heads=6),
     "B": dict(enc_depth=12, enc_width=768, enc_heads=12, dec_depth=12, dec_width=768, dec_heads=12),
-    "L": dict(enc_depth=24, enc_width=1024, enc_heads=16, dec_depth=12, dec_width=768, dec_heads=12),
-    "XL": dict(enc_depth=28, enc_width=1152, enc_heads=16, dec_depth=12, dec_width=768, dec_heads=12),
+    "L": dict(enc_depth=24, enc_width=1024, enc_heads=16,
+              dec_depth=12, dec_width=768, dec_heads=12),
+    "XL": dict(enc_depth=28, enc_width=1152, enc_heads=16,
+               dec_depth=12, dec_width=768, dec_heads=12),
 }
 
 
