@@ -36,6 +36,18 @@ class UserError(Exception):
     script's checkpoint, a wrong preset. Scripts print it as one line and exit non-zero."""
 
 
+def run_main(main):
+    """A script's entry point: a UserError ends in one line on stderr and exit status 1, and a
+    torch.distributed process group, if one was started, is torn down either way."""
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {error_line(e)}")
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def error_line(e):
     """One clear line for a UserError, also when a DataLoader worker re-raised it with a
     traceback."""
@@ -395,6 +407,20 @@ def print0(*a, rank=0, log=None):
         print(*a, flush=True)
         if log is not None:
             print(*a, file=log, flush=True)
+
+
+def split_batch(batch_size, micro_batch, world, n_items=None):
+    """(micro-batch per process, accumulation steps, steps per epoch) of a global batch:
+    batch = micro x accum x world, micro 0 = batch / world; a split that does not add up, or a data
+    set smaller than one batch, is a UserError. n_items None: no epoch (steps per epoch None)."""
+    micro = micro_batch or batch_size // world
+    accum = batch_size // max(1, micro * world)
+    if accum < 1 or accum * micro * world != batch_size:
+        raise UserError(f"--batch-size {batch_size} must be a multiple of --micro-batch {micro} x "
+                        f"{world} processes")
+    if n_items is not None and n_items < batch_size:
+        raise UserError(f"{n_items} images is fewer than one batch of {batch_size}")
+    return micro, accum, None if n_items is None else n_items // batch_size
 
 
 def batch_indices(n, global_batch, seed, start_step, accum, world, rank):

@@ -50,7 +50,6 @@ import importlib.util
 import json
 import os
 import re
-import sys
 import time
 from dataclasses import asdict
 
@@ -61,7 +60,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (UserError, batch_indices, cache_dir, error_line, pick_precision, print0,
+from data import (UserError, batch_indices, cache_dir, pick_precision, print0, run_main,
                   save_checkpoint, setup_distributed, write_atomic)
 from model import (UNITE, UniteConfig, ViTBlock, count_params, sample_latents, sample_noise,
                    step_noise)
@@ -632,7 +631,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        sys.exit(f"error: {error_line(e)}")
+    run_main(main)

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 import fid
-from data import (UserError, FolderDataset, error_line, get_dataset, load_checkpoint, save_grid,
+from data import (FolderDataset, UserError, get_dataset, load_checkpoint, run_main, save_grid,
                   save_png)
 from model import UNITE, UniteConfig, generate, make_config
 from vae import TwoStage, VAEConfig
@@ -361,7 +361,4 @@ def run(args, rank, world):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        sys.exit(f"error: {error_line(e)}")
+    run_main(main)

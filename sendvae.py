@@ -51,9 +51,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from data import (UserError, autocast, batch_indices, cache_dir, download, error_line, file_hash,
-                  get_dataset, load_checkpoint, load_image, pick_precision, print0, save_checkpoint,
-                  save_grid, setup_distributed)
+from data import (UserError, autocast, batch_indices, cache_dir, download, file_hash, get_dataset,
+                  load_checkpoint, load_image, pick_precision, print0, run_main, save_checkpoint,
+                  save_grid, setup_distributed, split_batch)
 from model import (UniteConfig, UNITE, ViTBlock, attend, count_params, load_lpips, lpips_loss,
                    sincos_2d)
 from vae import VAE_PRESETS, AutoencoderKL, VAEConfig
@@ -987,14 +987,8 @@ def main(argv=None):
     opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, **adamw)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=args.disc_lr, **adamw) if disc else None
 
-    args.micro_batch = args.micro_batch or args.batch_size // world
-    accum = args.batch_size // (args.micro_batch * world)
-    if accum < 1 or accum * args.micro_batch * world != args.batch_size:
-        raise UserError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch "
-                        f"{args.micro_batch} x {world} processes")
-    steps_per_epoch = len(ds) // args.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(ds)} images is fewer than one batch of {args.batch_size}")
+    args.micro_batch, accum, steps_per_epoch = split_batch(args.batch_size, args.micro_batch, world,
+                                                            len(ds))
     total = args.max_steps or int(args.epochs * steps_per_epoch)
 
     step = 0
@@ -1187,12 +1181,7 @@ def main(argv=None):
     checkpoint(res)
     p0(f"wrote {args.out_dir}/ckpt.pt and {args.out_dir}/recon.png (top: inputs, bottom: recons)")
     p0(json.dumps(res))
-    if world > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        sys.exit(f"error: {error_line(e)}")
+    run_main(main)

@@ -33,8 +33,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (UserError, autocast, batch_indices, error_line, get_dataset, load_checkpoint,
-                  pick_precision, print0, save_checkpoint, save_grid, setup_distributed)
+from data import (UserError, autocast, batch_indices, get_dataset, load_checkpoint, pick_precision,
+                  print0, run_main, save_checkpoint, save_grid, setup_distributed, split_batch)
 from model import (PRESETS, UNITE, count_params, generate, l1_loss, load_lpips, lpips_loss,
                    make_config, step_noise)
 from vae import TwoStage, VAEConfig, latent_tokens_config
@@ -325,8 +325,7 @@ def memory_plan(args, fake=True):
     import model as M
     from torch._subclasses.fake_tensor import FakeTensorMode
     world = args.plan_gpus
-    micro = args.micro_batch or args.batch_size // world
-    accum = args.batch_size // (micro * world)
+    micro, accum, _ = split_batch(args.batch_size, args.micro_batch, world)
     cfg = build_config(args, 6 if args.model in ("tiny", "micro") else 1000)
     bf16 = args.precision != "fp32"
     M.CPU_BF16_MATH_ATTENTION = False
@@ -425,14 +424,8 @@ def main(argv=None):
     cfg = build_config(args, ds.num_classes, **tok_cfg)
     if ds.num_classes == 1:
         args.cfg_scale = 1.0  # a flat folder is unconditional: nothing to guide
-    args.micro_batch = args.micro_batch or args.batch_size // world
-    accum = args.batch_size // (args.micro_batch * world)
-    if accum < 1 or accum * args.micro_batch * world != args.batch_size:
-        raise UserError(f"--batch-size {args.batch_size} must be a multiple of "
-                        f"--micro-batch {args.micro_batch} x {world} processes")
-    steps_per_epoch = len(ds) // args.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(ds)} images is fewer than one batch of {args.batch_size}")
+    args.micro_batch, accum, steps_per_epoch = split_batch(args.batch_size, args.micro_batch, world,
+                                                            len(ds))
     if args.fid_ref and not os.path.isfile(args.fid_ref):
         raise UserError(f"--fid-ref {args.fid_ref}: file not found "
                         f"(make one with: python fid.py DATA --save-stats)")
@@ -621,12 +614,7 @@ def main(argv=None):
     res["total_s"] = round(time.time() - t_start, 1)
     p0(f"wrote {args.out_dir}/ckpt.pt and {args.out_dir}/samples.png")
     p0(json.dumps(res))
-    if world > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        sys.exit(f"error: {error_line(e)}")
+    run_main(main)
