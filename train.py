@@ -333,30 +333,30 @@ def memory_plan(args, fake=True):
         with FakeTensorMode() if fake else contextlib.nullcontext():
             lp = M.LPIPS() if args.lpips else None
             model = UNITE(cfg, recon_loss=recon_loss_fn(args, lp)).train()
+            opts = make_optimizers(model, args.lr, args.optimizer == "muon")
             x = torch.rand(micro, 3, cfg.image_size, cfg.image_size)
             noise = M.draw_noise(cfg, micro)
             y = torch.randint(0, cfg.num_classes, (micro,))
             with autocast(torch.device("cpu"), "bf16" if bf16 else "fp32"):
                 act = saved_bytes(lambda: model(x, y, noise), model)
-                # backward recomputes one checkpointed block at a time: its saved tensors, for a
-                # chunk
-                blk, T = model.encoder.blocks[-1], cfg.num_tokens + cfg.in_context_len
-                z = torch.randn(micro * cfg.flow_chunk, T, cfg.enc_width, requires_grad=True)
-                c = torch.randn(micro * cfg.flow_chunk, cfg.enc_width)
-                rope = (model.encoder.rope_ic_cos[:T], model.encoder.rope_ic_sin[:T])
-                recompute = (saved_bytes(lambda: blk(z, c, rope), model)
-                             if M.checkpoint_flow(cfg) else 0)
+                recompute = 0
+                if M.checkpoint_flow(cfg):
+                    # backward recomputes one checkpointed block at a time: its saved tensors,
+                    # for one chunk of flow copies
+                    blk, T = model.encoder.blocks[-1], cfg.num_tokens + cfg.in_context_len
+                    z = torch.randn(micro * cfg.flow_chunk, T, cfg.enc_width, requires_grad=True)
+                    c = torch.randn(micro * cfg.flow_chunk, cfg.enc_width)
+                    rope = (model.encoder.rope_ic_cos[:T], model.encoder.rope_ic_sin[:T])
+                    recompute = saved_bytes(lambda: blk(z, c, rope), model)
     finally:
         M.CPU_BF16_MATH_ATTENTION = True
     n = lambda ps: sum(p.numel() for p in ps)
-    with FakeTensorMode():
-        opts = make_optimizers(UNITE(cfg), args.lr, args.optimizer == "muon")
     adam = n(opts[0].param_groups[0]["params"])
     muon = n(opts[1].param_groups[0]["params"]) if len(opts) > 1 else 0
     params = adam + muon
     states = dict(weights=4 * params, grads=4 * params, ddp_buckets=4 * params if world > 1 else 0,
                   adamw=8 * adam, muon=4 * muon, ema=4 * params,
-                  lpips=4 * 14_714_688 if args.lpips else 0)  # VGG16 conv trunk, frozen fp32
+                  lpips=4 * n(lp.parameters()) if lp else 0)  # VGG16 trunk + heads, frozen fp32
     st = sum(states.values())
     peak = st + act + recompute
     return dict(model=args.model, gpus=world, params_m=round(params / 1e6, 2), micro_batch=micro,
