@@ -36,12 +36,7 @@ from data import UserError  # noqa: E402
 SAMPLING = dict(sample_steps=2, sampler="euler", cfg_scale=2.0, cfg_min_t=0.1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def micro_model(num_classes=6, seed=0):
