@@ -228,7 +228,7 @@ class InceptionV3(nn.Module):
 
 def load_inception_weights(net, path=None):
     """Load the FID Inception weights into net; return the file's sha256. Errors are one-line
-    DataErrors."""
+    UserErrors."""
     if path is None:
         name = FID_WEIGHTS_URL.rsplit("/", 1)[1]
         path = data.download(FID_WEIGHTS_URL, os.path.join(data.cache_dir(), name), "sha256",

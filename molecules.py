@@ -9,7 +9,8 @@ UNITE on molecules: the same Generative Encoder (model.py) tokenizes and generat
     torchrun --nproc_per_node=2 molecules.py         # DDP, as train.py
 
 The adapter is only an input embedding, a decoder and a reconstruction loss; the GE, the two passes,
-the flow loss, the samplers, the optimizers and the EMA are model.py's:
+the flow loss and the samplers are model.py's, the optimizers, the EMA and the training step
+optim.py's:
 
     molecule ─> tokens x (B, P, F) ints ─> TokenEmbed ─> (B, P, D) ─> GE.tokenize ─> z0 (B, K, C)
         graph : P = 9 atom slots, F = 1 + 9 = [atom type | bond type to slot 0..8]

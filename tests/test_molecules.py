@@ -188,8 +188,8 @@ def test_cli_user_errors(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path, qm9_head):
-    """DDP: noise and data order are drawn per global batch, so 2 processes train the same weights
-    as 1."""
+    """DDP: noise (keyed per global sample) and data order do not depend on the number of processes,
+    so 2 processes train the same weights as 1."""
     data = tmp_path / "qm9_head.smi"
     data.write_text("\n".join(qm9_head[:200]) + "\n")
     env = dict(os.environ, MINUNITE_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
