@@ -18,8 +18,10 @@ import functools
 import hashlib
 import os
 import pickle
+import signal
 import sys
 import tarfile
+import time
 import urllib.request
 
 import numpy as np
@@ -403,10 +405,77 @@ def autocast(device, precision):
 
 
 def print0(*a, rank=0, log=None):
+    """Print on rank 0 only (through tqdm, so a progress bar on the terminal stays intact), and
+    append the line to `log` if given."""
     if rank == 0:
-        print(*a, flush=True)
+        from tqdm import tqdm
+        tqdm.write(" ".join(map(str, a)), file=sys.stdout)
+        sys.stdout.flush()
         if log is not None:
             print(*a, file=log, flush=True)
+
+
+def open_log(out_dir, rank):
+    """The scripts' print: rank 0 prints and appends to out_dir/log.txt; other ranks are silent."""
+    os.makedirs(out_dir, exist_ok=True)
+    log = open(os.path.join(out_dir, "log.txt"), "a") if rank == 0 else None
+    return lambda *a: print0(*a, rank=rank, log=log)
+
+
+def all_mean(t, world):
+    """In place: the mean of a tensor over all processes (for logged statistics)."""
+    if world > 1:
+        dist.all_reduce(t)
+        t /= world
+    return t
+
+
+class StopCheck:
+    """When a training loop stops, decided the same on every rank (or a collective would hang):
+    SIGTERM (pre-emption: the script saves, then exits) or a time budget spent, on the wall clock
+    or the process's CPU clock (fair when other jobs share the CPU); budget 0 = none. Call once per
+    step; .sigterm and .out_of_time tell why it stopped."""
+
+    def __init__(self, budget=0.0, clock="wall", device="cpu", world=1):
+        self.budget, self.clock, self.device, self.world = budget, clock, device, world
+        self.t0, self.cpu0 = time.time(), time.process_time()
+        self.sigterm = self.out_of_time = self._term = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, *_):
+        self._term = True
+
+    def spent(self):
+        return time.time() - self.t0 if self.clock == "wall" else time.process_time() - self.cpu0
+
+    def __call__(self):
+        flags = torch.tensor([float(self.budget > 0 and self.spent() > self.budget),
+                              float(self._term)], device=self.device)
+        if self.world > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self.out_of_time, self.sigterm = (bool(f) for f in flags.tolist())
+        return self.out_of_time or self.sigterm
+
+
+def resume_file(arg, out_dir):
+    """The checkpoint --resume names: "auto" = out_dir/ckpt.pt if it exists, "" = none; a named
+    file that does not exist is a UserError. Returns a path or ""."""
+    path = os.path.join(out_dir, "ckpt.pt") if arg == "auto" else arg
+    if path and not os.path.exists(path):
+        if arg != "auto":
+            raise UserError(f"--resume {arg}: file not found")
+        return ""
+    return path
+
+
+def make_loader(ds, batch_size, seed, step, accum, world, rank, device, num_workers=None):
+    """An iterator of this rank's micro-batches from `step` on (batch_indices' order). Workers: 0
+    for in-memory data (shapes, cifar10), else 8 unless given."""
+    workers = num_workers if num_workers is not None else (0 if hasattr(ds, "images") else 8)
+    return iter(torch.utils.data.DataLoader(
+        ds, batch_sampler=batch_indices(len(ds), batch_size, seed, step, accum, world, rank),
+        num_workers=workers, pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(seed)))
 
 
 def split_batch(batch_size, micro_batch, world, n_items=None):

@@ -57,11 +57,11 @@ def is_released(ck):
 
 def load_model(path, device, use_ema=True, preset="B"):
     """(model in eval mode, the checkpoint without its weights). Our checkpoints are plain data
-    (weights_only loading). model.from_official maps the authors' files onto make_config(preset);
+    (weights_only loading). official.from_official maps the authors' files onto make_config(preset);
     their sampling defaults ("args") are the paper's."""
     ck = load_checkpoint(path, "UNITE ")
     if is_released(ck):
-        from model import from_official  # a wrong preset -> a UserError from there
+        from official import from_official  # a wrong preset -> a UserError from there
         weights = ck if use_ema else {"model": ck["model"]}  # it takes "ema", else "model"
         model = from_official(weights, make_config(preset), preset)
         ck = {**ck, "args": dict(RELEASED_SAMPLING), "released": f"UNITE-{preset}"}

@@ -54,8 +54,8 @@ import data
 from data import (UserError, autocast, batch_indices, cache_dir, download, file_hash, get_dataset,
                   load_checkpoint, load_image, pick_precision, print0, run_main, save_checkpoint,
                   save_grid, setup_distributed, split_batch)
-from model import (UniteConfig, UNITE, ViTBlock, attend, count_params, load_lpips, lpips_loss,
-                   sincos_2d)
+from model import UniteConfig, UNITE, ViTBlock, attend, count_params, sincos_2d
+from perceptual import load_lpips, lpips_loss
 from vae import VAE_PRESETS, AutoencoderKL, VAEConfig
 
 # -----------------------------------------------------------------------------

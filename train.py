@@ -24,7 +24,6 @@ import contextlib
 import copy
 import json
 import os
-import signal
 import sys
 import time
 from dataclasses import asdict
@@ -33,10 +32,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (UserError, autocast, batch_indices, get_dataset, load_checkpoint, pick_precision,
-                  print0, run_main, save_checkpoint, save_grid, setup_distributed, split_batch)
-from model import (PRESETS, UNITE, count_params, generate, l1_loss, load_lpips, lpips_loss,
-                   make_config, step_noise)
+from data import (StopCheck, UserError, all_mean, autocast, get_dataset, load_checkpoint, make_loader,
+                  open_log, pick_precision, resume_file, run_main, save_checkpoint, save_grid,
+                  setup_distributed, split_batch)
+from model import PRESETS, UNITE, count_params, generate, l1_loss, make_config, step_noise
+from perceptual import LPIPS, load_lpips, lpips_loss
 from vae import TwoStage, VAEConfig, latent_tokens_config
 from optim import lr_at, make_optimizers, train_step
 
@@ -331,7 +331,7 @@ def memory_plan(args, fake=True):
     M.CPU_BF16_MATH_ATTENTION = False
     try:
         with FakeTensorMode() if fake else contextlib.nullcontext():
-            lp = M.LPIPS() if args.lpips else None
+            lp = LPIPS() if args.lpips else None
             model = UNITE(cfg, recon_loss=recon_loss_fn(args, lp)).train()
             opts = make_optimizers(model, args.lr, args.optimizer == "muon")
             x = torch.rand(micro, 3, cfg.image_size, cfg.image_size)
@@ -399,20 +399,82 @@ def recon_loss_fn(args, lpips=None):
     return lambda recon, x: l1_loss(recon, x) + args.lpips_weight * lpips_loss(lpips, recon, x)
 
 
+def build_model(args, cfg, ds, tok, device):
+    """UNITE (or, with --tokenizer, the two-stage SiT on a frozen VAE) with its seeded init."""
+    lpips = load_lpips(device) if args.lpips and not tok else None  # before the seed: same init
+    torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts it)
+    if not tok:
+        return UNITE(cfg, recon_loss=recon_loss_fn(args, lpips)).to(device)
+    raw = TwoStage(cfg, tok[0]).to(device)
+    raw.decoder.vae.load_state_dict(tok[1])
+    # per-channel latent mean/std, once, stored in the checkpoint: from a seeded random sample of
+    # the whole training set (the first n of a class-sorted folder would be one or two classes)
+    n = min(args.latent_stats_images, len(ds))
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(args.seed))[:n].tolist()
+    raw.decoder.fit_latent_stats(torch.stack([ds[i][0] for i in idx[j:j + 100]]).to(device)
+                                 for j in range(0, n, 100))
+    return raw
+
+
+def load_state(path, cfg, raw, ema, opts):
+    """Resume raw, EMA and optimizers from a train.py checkpoint; returns (step, evals)."""
+    ck = load_checkpoint(path, "train.py ", keys=("config", "model", "ema", "optimizer", "step"))
+    if ck["config"] != asdict(cfg):
+        raise UserError(f"{path} was trained with another model config; use another --out-dir")
+    raw.load_state_dict(ck["model"])
+    ema.load_state_dict(ck["ema"])
+    for o, s in zip(opts, ck["optimizer"]):
+        o.load_state_dict(s)
+    return ck["step"], ck.get("evals", [])
+
+
+def micro_batches(loader, cfg, args, step, accum, world, rank, device, hflip):
+    """This rank's (x, y, noise) for each micro-step of optimizer step `step`. Micro-step m on rank
+    r holds rows (m * world + r) * micro ... of the global batch, as the data; their noise is keyed
+    by (seed, step, row), so the run is the same at any world size and accumulation."""
+    out = []
+    for m in range(accum):
+        x, y = (t.to(device, non_blocking=True) for t in next(loader))
+        lo = (m * world + rank) * args.micro_batch
+        noise = step_noise(cfg, args.seed, step, range(lo, lo + args.micro_batch), device)
+        if hflip:
+            x = torch.where(noise["flip"][:, None, None, None], x.flip(-1), x)
+        out.append((x, y, noise))
+    return out
+
+
+def end_of_run(ema, cfg, args, rank, world, device, p0):
+    """The run's figures on the EMA (the JSON's keys): PSNR on held-out images, FD-shapes and shape
+    accuracy of samples (shapes), FID against --fid-ref; and the final sample grid."""
+    res = {}
+    if rank == 0:
+        sample_grid(ema, cfg.num_classes, args, os.path.join(args.out_dir, "samples.png"))
+        val = args.val_data or (args.data if args.data in ("shapes", "cifar10") else None)
+        if val:  # held-out images: the test split of shapes / cifar10, or --val-data
+            res["psnr"] = round(psnr(ema, get_dataset(val, cfg.image_size, "test"), device), 2)
+        else:
+            p0("no --val-data: end-of-run PSNR skipped (it is measured on held-out images only)")
+    if args.data == "shapes" and args.eval_samples > 1:
+        fd, acc = fd_shapes_of_samples(ema, args.eval_samples, cfg.num_classes, args, rank, world)
+        res[f"fd_shapes_{args.eval_samples}"], res["shape_acc"] = round(fd, 3), round(acc, 3)
+    if args.fid_ref:
+        res[f"fid_{args.fid_samples}"] = round(
+            fid_of_samples(ema, args.fid_samples, cfg.num_classes, args, rank, world), 3)
+    return res
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.plan:
         return print_plan(args)
     rank, world, device = setup_distributed(args.device)
-    os.makedirs(args.out_dir, exist_ok=True)
-    log = open(os.path.join(args.out_dir, "log.txt"), "a") if rank == 0 else None
-    p0 = lambda *a: print0(*a, rank=rank, log=log)
+    p0 = open_log(args.out_dir, rank)
     precision = pick_precision(args.precision, device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    ds = get_dataset(args.data, make_config(args.model).image_size, "train")
-    tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
     image_size = make_config(args.model).image_size
+    ds = get_dataset(args.data, image_size, "train")
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
     if tok and image_size % tok[0].factor:
         raise UserError(f"--tokenizer: {image_size} px images do not divide by the VAE's "
                         f"factor {tok[0].factor}")
@@ -435,43 +497,16 @@ def main(argv=None):
                 total if args.decay_epochs is None else args.decay_epochs * steps_per_epoch,
                 args.min_lr_frac)
 
-    # before the seed: same init either way
-    lpips = load_lpips(device) if args.lpips and not tok else None
-    torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts it)
-    if tok:
-        raw = TwoStage(cfg, tok[0]).to(device)
-        raw.decoder.vae.load_state_dict(tok[1])
-        # per-channel latent mean/std, once, stored in the checkpoint: from a seeded random sample
-        # of the whole training set (the first n of a class-sorted folder would be one or two
-        # classes)
-        n = min(args.latent_stats_images, len(ds))
-        idx = torch.randperm(len(ds),
-                             generator=torch.Generator().manual_seed(args.seed))[:n].tolist()
-        raw.decoder.fit_latent_stats(torch.stack([ds[i][0] for i in idx[j:j + 100]]).to(device)
-                                     for j in range(0, n, 100))
-    else:
-        raw = UNITE(cfg, recon_loss=recon_loss_fn(args, lpips)).to(device)
+    raw = build_model(args, cfg, ds, tok, device)
     ema = copy.deepcopy(raw).float().eval().requires_grad_(False)
     opts = make_optimizers(raw, args.lr, args.optimizer == "muon",
                            ns_dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     step, evals = 0, []  # evals: the periodic EMA evaluations (--eval-every), kept across --resume
-    resume = os.path.join(args.out_dir, "ckpt.pt") if args.resume == "auto" else args.resume
-    if resume and os.path.exists(resume):
-        ck = load_checkpoint(resume, "train.py ",
-                             keys=("config", "model", "ema", "optimizer", "step"))
-        if ck["config"] != asdict(cfg):
-            raise UserError(f"{resume} was trained with another model config; "
-                            f"use another --out-dir")
-        raw.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        for o, s in zip(opts, ck["optimizer"]):
-            o.load_state_dict(s)
-        step, evals = ck["step"], ck.get("evals", [])
+    resume = resume_file(args.resume, args.out_dir)
+    if resume:
+        step, evals = load_state(resume, cfg, raw, ema, opts)
         p0(f"resumed from {resume} at step {step}")
-    elif args.resume not in ("", "auto"):
-        raise UserError(f"--resume {args.resume}: file not found")
-    # per-rank stream for anything not drawn per sample
-    torch.manual_seed(args.seed + rank + 1_000_003 * step)
+    torch.manual_seed(args.seed + rank + 1_000_003 * step)  # per rank: anything not keyed per row
     model = (DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
              if world > 1 else raw)
 
@@ -486,21 +521,12 @@ def main(argv=None):
         p0(f"two-stage: GE denoise-only (a SiT) on the frozen VAE of {args.tokenizer} "
            f"(VFM: {tok[2]}); the decoder above is that VAE | latent mean "
            f"{raw.decoder.latent_mean.mean():.3f} std {raw.decoder.latent_std.mean():.3f}"
-           f" (channel averages, {n} images)")
+           f" (channel averages, {min(args.latent_stats_images, len(ds))} images)")
     p0("args: " + json.dumps(vars(args)))
+    loader = make_loader(ds, args.batch_size, args.seed, step, accum, world, rank, device,
+                         args.num_workers)
 
-    workers = (args.num_workers if args.num_workers is not None
-               else (0 if hasattr(ds, "images") else 8))
-    loader = iter(torch.utils.data.DataLoader(
-        ds,
-        batch_sampler=batch_indices(len(ds), args.batch_size, args.seed, step, accum, world, rank),
-        num_workers=workers, pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(args.seed)))
-
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))  # pre-emption: save, then exit cleanly
-
-    def checkpoint(name="ckpt.pt"):
+    def checkpoint(name="ckpt.pt"):  # atomic (data.py); every rank waits for it
         if rank == 0:
             save_checkpoint(os.path.join(args.out_dir, name), {
                 "model": raw.state_dict(), "ema": ema.state_dict(),
@@ -515,56 +541,26 @@ def main(argv=None):
     # progress bar on a terminal only: in log files and CI the per-interval lines say the same
     bar = tqdm(total=total, initial=step, disable=rank != 0 or not sys.stderr.isatty(),
                dynamic_ncols=True)
-    t0, seen, bad, stats = time.time(), 0, 0, torch.zeros(3, device=device)
-    t_start, step_start, cpu0 = time.time(), step, time.process_time()
-
-    # wall clock (the tiny default's 10-minute guard) or CPU time (fair on a shared machine)
-    def out_of_time():
-        if args.time_budget <= 0:
-            return False
-        spent = time.time() - t_start if args.budget_clock == "wall" else time.process_time() - cpu0
-        over = torch.tensor(float(spent > args.time_budget), device=device)
-        if world > 1:
-            dist.all_reduce(over, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-        return bool(over)
-    while step < total and not stop and not out_of_time():
+    stop = StopCheck(args.time_budget, args.budget_clock, device, world)
+    t0, seen, bad, stats, step_start = time.time(), 0, 0, torch.zeros(3, device=device), step
+    while step < total and not stop():
         # ------------------------------------------------ one optimization step
         lr = lr_at(step, args.lr, *schedule)
-        batches = []
-        for m in range(accum):
-            x, y = next(loader)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            # this micro-batch's rows of the global batch, as the data: micro-step m, rank r -> rows
-            # (m * world + r) * micro ...; their noise is keyed by (seed, step, row): any world, any
-            # accum
-            lo = (m * world + rank) * args.micro_batch
-            noise = step_noise(cfg, args.seed, step, range(lo, lo + args.micro_batch), device)
-            if ds.hflip:
-                x = torch.where(noise["flip"][:, None, None, None], x.flip(-1), x)
-            batches.append((x, y, noise))
+        batches = micro_batches(loader, cfg, args, step, accum, world, rank, device, ds.hflip)
         norm, st, bad = train_step(model, opts, ema, batches, lr=lr, step=step,
                                    grad_clip=args.grad_clip, ema_decay=args.ema,
                                    ema_warmup=args.ema_warmup, precision=precision, bad=bad)
         stats += st
         if bad:
             p0(f"step {step}: non-finite loss/gradient, step skipped")
-        step += 1
-        seen += args.batch_size
+        step, seen = step + 1, seen + args.batch_size
         bar.update(1)
-        # ------------------------------------------------ once in a while: log, sample, save, FID
+        # ------------------------------------------------ once in a while: log, sample, save, eval
         if step % args.log_every == 0 or step == total:
-            if world > 1:
-                dist.all_reduce(stats)
-                stats /= world
             n = (step - 1) % args.log_every + 1
-            el = time.time() - t0
-            l, r, f = (stats / n).tolist()  # .tolist() is a sync point: only at log time
-            line = (f"step {step} | loss {l:.4f} | recon {r:.4f} | flow {f:.4f} | "
-                    f"grad {norm.item():.3f} | lr {lr:.2e} | {seen / el:.1f} img/s")
-            if rank == 0:
-                bar.write(line, file=sys.stdout)
-            if log:
-                print(line, file=log, flush=True)
+            l, r, f = (all_mean(stats, world) / n).tolist()  # a sync point: only at log time
+            p0(f"step {step} | loss {l:.4f} | recon {r:.4f} | flow {f:.4f} | "
+               f"grad {norm.item():.3f} | lr {lr:.2e} | {seen / (time.time() - t0):.1f} img/s")
             t0, seen, stats = time.time(), 0, torch.zeros(3, device=device)
         if args.sample_every > 0 and step % args.sample_every == 0 and rank == 0:
             sample_grid(ema, cfg.num_classes, args, os.path.join(args.out_dir, "samples.png"))
@@ -580,38 +576,25 @@ def main(argv=None):
                 checkpoint("ckpt_best.pt")
         if args.fid_every > 0 and step % args.fid_every == 0 and args.fid_ref:
             f = fid_of_samples(ema, args.fid_samples, cfg.num_classes, args, rank, world)
-            p0(f"step {step} | FID-{args.fid_samples} {f:.3f} "
-               f"(EMA, {args.sampler}-{args.sample_steps}, "
-               f"cfg {args.cfg_scale} for t>{args.cfg_min_t})")
+            p0(f"step {step} | FID-{args.fid_samples} {f:.3f} (EMA, {args.sampler}-"
+               f"{args.sample_steps}, cfg {args.cfg_scale} for t>{args.cfg_min_t})")
     bar.close()
-    train_s, train_cpu_s = time.time() - t_start, time.process_time() - cpu0
-    if step < total and not stop:
+    train_s, train_cpu_s = time.time() - stop.t0, time.process_time() - stop.cpu0
+    if stop.out_of_time and not stop.sigterm:
         p0(f"--time-budget {args.time_budget:g} s ({args.budget_clock} clock) reached: "
            f"stopped at step {step} of {total}")
     checkpoint()
-    if stop:
+    if stop.sigterm:
         p0(f"SIGTERM: saved {args.out_dir}/ckpt.pt at step {step}, exiting")
         return
     # ------------------------------------------------ end of run: figures, last stdout line = JSON
     res = {"model": args.model, "data": args.data, "steps": step, "wall_s": round(train_s, 1),
            "cpu_s": round(train_cpu_s, 1),
-           "img_per_s": round((step - step_start) * args.batch_size / max(train_s, 1e-9), 1)}
-    if rank == 0:
-        sample_grid(ema, cfg.num_classes, args, os.path.join(args.out_dir, "samples.png"))
-        val = args.val_data or (args.data if args.data in ("shapes", "cifar10") else None)
-        if val:  # held-out images: the test split of shapes / cifar10, or --val-data
-            res["psnr"] = round(psnr(ema, get_dataset(val, cfg.image_size, "test"), device), 2)
-        else:
-            p0("no --val-data: end-of-run PSNR skipped (it is measured on held-out images only)")
-    if args.data == "shapes" and args.eval_samples > 1:
-        fd, acc = fd_shapes_of_samples(ema, args.eval_samples, cfg.num_classes, args, rank, world)
-        res[f"fd_shapes_{args.eval_samples}"], res["shape_acc"] = round(fd, 3), round(acc, 3)
-    if args.fid_ref:
-        res[f"fid_{args.fid_samples}"] = round(
-            fid_of_samples(ema, args.fid_samples, cfg.num_classes, args, rank, world), 3)
+           "img_per_s": round((step - step_start) * args.batch_size / max(train_s, 1e-9), 1),
+           **end_of_run(ema, cfg, args, rank, world, device, p0)}
     if evals:
         res["evals"] = evals
-    res["total_s"] = round(time.time() - t_start, 1)
+    res["total_s"] = round(time.time() - stop.t0, 1)
     p0(f"wrote {args.out_dir}/ckpt.pt and {args.out_dir}/samples.png")
     p0(json.dumps(res))
 

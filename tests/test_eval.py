@@ -29,6 +29,7 @@ from PIL import Image  # noqa: E402
 import data  # noqa: E402
 import fid  # noqa: E402
 import model as unite  # noqa: E402
+import official  # noqa: E402
 import sample  # noqa: E402
 from conftest import ROOT  # noqa: E402
 from data import UserError  # noqa: E402
@@ -356,10 +357,11 @@ def test_rfid_of_a_real_model(micro_ckpt, fake_inception, capsys):
 
 def released_file(path, m):
     """m's weights as the authors' checkpoint holds them (utils/checkpoint.py): released names
-    (model._official_name), the decoder under torch.compile's _orig_mod., their extra label row."""
+    (official._official_name), the decoder under torch.compile's _orig_mod., their extra label
+    row."""
     sd = {}
     for k, v in m.state_dict().items():
-        name = unite._official_name(k)
+        name = official._official_name(k)
         if name.startswith("decoder."):
             name = "decoder._orig_mod." + name[len("decoder."):]
         if k == "encoder.y_embed.weight":
@@ -376,8 +378,8 @@ def test_released_file_routes_to_from_official(tmp_path, monkeypatch, capsys):
     m = micro_model(num_classes=1000)
     path = released_file(str(tmp_path / "UNITE-B.pt"), m)
     calls = []
-    real = unite.from_official
-    monkeypatch.setattr(unite, "from_official", lambda ck, cfg, preset=None: calls.append(
+    real = official.from_official
+    monkeypatch.setattr(official, "from_official", lambda ck, cfg, preset=None: calls.append(
         (sorted(ck), cfg, preset)) or real(ck, m.cfg, preset))  # the file holds micro weights
     loaded, meta = sample.load_model(path, "cpu")
     assert calls[-1] == (["current_best_cfg_scale", "ema", "epoch", "model", "optimizer", "step"],

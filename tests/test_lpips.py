@@ -1,12 +1,12 @@
 """
-Tests for model.LPIPS (VGG16 LPIPS v0.1) and its loaders, CPU only, a few seconds:
+Tests for perceptual.LPIPS (VGG16 LPIPS v0.1) and its loaders, CPU only, a few seconds:
 
     python -m pytest -q tests/test_lpips.py
 
 The real weight files are not in CI (the `lpips` package is not a dependency and VGG16 is 528 MB),
 so the tests write their own files in the published formats with random weights: a torchvision
 vgg16 state dict (features.* plus classifier.*) and a heads file (linK.model.1.weight). With the
-same weights, model.LPIPS equals the `lpips` package (0.1.4) to 0.0 (checked outside the repo).
+same weights, perceptual.LPIPS equals the `lpips` package (0.1.4) to 0.0 (checked outside the repo).
 """
 import urllib.request
 
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-import model
+import perceptual
 from data import UserError
 
 CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)   # conv indices in vgg16.features
@@ -55,7 +55,7 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def net(files):
-    return model.LPIPS(files["vgg_path"], files["lin_path"])
+    return perceptual.LPIPS(files["vgg_path"], files["lin_path"])
 
 
 def reference_lpips(vgg, lin, a, b):
@@ -136,16 +136,16 @@ def test_lpips_loss_released_and_defined(net):
     recon, imgs = (images(2, seed=8) + 1) / 2, (images(2, seed=9) + 1) / 2     # [0, 1]
     with torch.no_grad():
         # released: [0, 1] fed unchanged, batch mean; in eval no dropout
-        rel = model.lpips_loss(net, recon, imgs, released=True, training=False)
+        rel = perceptual.lpips_loss(net, recon, imgs, released=True, training=False)
         torch.testing.assert_close(rel, net(imgs, recon).mean())
         # as defined: 2x - 1
-        torch.testing.assert_close(model.lpips_loss(net, recon, imgs, released=False),
+        torch.testing.assert_close(perceptual.lpips_loss(net, recon, imgs, released=False),
                                    net(2 * imgs - 1, 2 * recon - 1).mean())
         # released training steps: dropout p = 0.5 before each head (reproducible from the seed)
         torch.manual_seed(0)
-        d1 = model.lpips_loss(net, recon, imgs, released=True, training=True)
+        d1 = perceptual.lpips_loss(net, recon, imgs, released=True, training=True)
         torch.manual_seed(0)
-        d2 = model.lpips_loss(net, recon, imgs, released=True, training=True)
+        d2 = perceptual.lpips_loss(net, recon, imgs, released=True, training=True)
         assert torch.equal(d1, d2) and not torch.allclose(d1, rel, rtol=1e-4)
 
 
@@ -167,18 +167,18 @@ def test_bad_files_name_the_key(files, tmp_path, which, key, change):
     torch.save(sd, path)
     paths = {"vgg_path": files["vgg_path"], "lin_path": files["lin_path"], which + "_path": path}
     with pytest.raises(UserError, match=key.replace(".", r"\.")) as e:
-        model.LPIPS(**paths)
+        perceptual.LPIPS(**paths)
     assert path in str(e.value) and "\n" not in str(e.value)
 
 
 def test_missing_or_unreadable_file(files, tmp_path):
     missing = str(tmp_path / "nope.pth")
     with pytest.raises(UserError, match="nope.pth: no such file"):
-        model.LPIPS(missing, files["lin_path"])
+        perceptual.LPIPS(missing, files["lin_path"])
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="junk.pth: not a torch state dict"):
-        model.LPIPS(files["vgg_path"], str(junk))
+        perceptual.LPIPS(files["vgg_path"], str(junk))
 
 
 def test_load_lpips_offline_says_where_to_put_each_file(tmp_path, monkeypatch):
@@ -188,10 +188,10 @@ def test_load_lpips_offline_says_where_to_put_each_file(tmp_path, monkeypatch):
         raise OSError("no network")
     monkeypatch.setattr(urllib.request, "urlretrieve", offline)
     with pytest.raises(UserError) as e:
-        model.load_lpips()
+        perceptual.load_lpips()
     msg = data.error_line(e.value)
     assert msg == str(e.value)                                    # one line
-    for url, sha256, name in model.LPIPS_FILES.values():
+    for url, sha256, name in perceptual.LPIPS_FILES.values():
         assert str(tmp_path / name) in msg and url in msg and sha256 in msg
 
 
@@ -200,8 +200,8 @@ def test_load_lpips_from_cache(files, tmp_path, monkeypatch):
     monkeypatch.setenv("MINUNITE_CACHE", str(files["dir"]))
     table = {"vgg": ("http://unused/vgg16.pth", data.file_hash(files["vgg_path"]), "vgg16.pth"),
              "lin": ("http://unused/heads.pth", data.file_hash(files["lin_path"]), "heads.pth")}
-    monkeypatch.setattr(model, "LPIPS_FILES", table)
-    net = model.load_lpips("cpu")
+    monkeypatch.setattr(perceptual, "LPIPS_FILES", table)
+    net = perceptual.load_lpips("cpu")
     a, b = images(1, seed=10), images(1, seed=11)
     with torch.no_grad():
         ref = reference_lpips(files["vgg"], files["lin"], a, b)
@@ -209,4 +209,4 @@ def test_load_lpips_from_cache(files, tmp_path, monkeypatch):
     # a corrupt cached file: UserError naming the file and where it comes from
     table["lin"] = ("http://unused/heads.pth", "0" * 64, "heads.pth")
     with pytest.raises(UserError, match="heads.pth has sha256"):
-        model.load_lpips("cpu")
+        perceptual.load_lpips("cpu")

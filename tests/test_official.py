@@ -1,13 +1,14 @@
-"""model.from_official: loading the released code's UNITE weights
+"""official.from_official: loading the released code's UNITE weights
 (ShivamDuggal4/UNITE-tokenization-generation).
 The state dicts here are built from our model with the released key names written out by hand from
-its models/unite.py, modules/encoder.py and modules/decoder.py (not from model._TO_OFFICIAL).
+its models/unite.py, modules/encoder.py and modules/decoder.py (not from official._TO_OFFICIAL).
 Run: python -m pytest tests/test_official.py -q"""
 import pytest
 import torch
 
 from data import UserError
-from model import UNITE, from_official, make_config
+from model import UNITE, make_config
+from official import from_official
 
 
 def random_model(seed=0):

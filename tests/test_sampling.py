@@ -7,7 +7,8 @@ import pytest
 import torch
 from scipy.integrate import solve_ivp
 
-from model import UNITE, dopri5, guided_x, make_config, sample_latents, time_grid
+from dopri5 import dopri5
+from model import UNITE, guided_x, make_config, sample_latents, time_grid
 
 ATOL, RTOL, T_EPS = 1e-6, 1e-3, 0.05
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import model
+import perceptual
 import sample
 import sendvae
 import train
@@ -198,7 +198,7 @@ def test_discriminator_is_repa_e_patchgan():
 
 def test_vae_loss_terms_and_where_gan_and_lpips_gradients_go():
     torch.manual_seed(0)
-    vae, lp, disc = AutoencoderKL(TINY), model.LPIPS(), sendvae.NLayerDiscriminator()
+    vae, lp, disc = AutoencoderKL(TINY), perceptual.LPIPS(), sendvae.NLayerDiscriminator()
     x = torch.rand(4, 3, 32, 32)
     mean, logvar = vae.encode(x)
     recon = vae.decode(mean + (0.5 * logvar).exp() * torch.randn_like(mean))
@@ -233,7 +233,7 @@ def test_vae_loss_terms_and_where_gan_and_lpips_gradients_go():
 
 
 def test_lpips_and_gan_flags_switch_terms_in_a_run(folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(sendvae, "load_lpips", lambda dev: model.LPIPS().to(dev))  # random VGG
+    monkeypatch.setattr(sendvae, "load_lpips", lambda dev: perceptual.LPIPS().to(dev))  # random VGG
     sendvae.main(fast(folder, tmp_path, "--max-steps", "2", "--lpips-weight", "1", "--gan-weight",
                       "0.1", "--kl-weight", "0", "--probe-data", "", "--eval-images", "8"))
     text = open(tmp_path / "log.txt").read()

@@ -370,12 +370,12 @@ def test_lpips_term_in_training(tmp_path, monkeypatch):
     files the run stops with one line saying where to put them."""
     import urllib.request
 
-    import model
+    import perceptual
     calls = []
 
     def fake_lpips(device):
         calls.append(device)
-        net = model.LPIPS()  # random weights; heads >= 0 as trained ones, so the term is > 0
+        net = perceptual.LPIPS()  # random weights; heads >= 0 as trained ones, so the term is > 0
         for h in net.heads:
             h.weight.data.abs_()
         return net.to(device)
