@@ -61,7 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (UserError, batch_indices, cache_dir, pick_precision, print0, run_main,
+from data import (UserError, all_mean, batch_indices, cache_dir, pick_precision, print0, run_main,
                   save_checkpoint, setup_distributed, write_atomic)
 from model import (UNITE, UniteConfig, ViTBlock, count_params, sample_latents, sample_noise,
                    step_noise)
@@ -553,7 +553,7 @@ def main(argv=None):
     p0("args: " + json.dumps(vars(args)))
 
     order = batch_indices(len(x_train), args.batch_size, args.seed, 0, 1, world, rank)
-    step, total, stats, bad = 0, args.max_steps, torch.zeros(3), 0
+    step, total, stats, bad = 0, args.max_steps, torch.zeros(3, device=device), 0
     t_start = t0 = time.time()
     clock = time.time if args.budget_clock == "wall" else time.process_time
     c_start, p_start = clock(), time.process_time()
@@ -567,7 +567,7 @@ def main(argv=None):
         norm, st, bad = train_step(model, opts, ema, [(x, y, noise)], lr=lr, step=step,
                                    grad_clip=args.grad_clip, ema_decay=args.ema, ema_warmup=True,
                                    precision=precision, bad=bad)
-        stats += st.cpu()
+        stats += st
         if bad:
             p0(f"step {step}: non-finite loss/gradient, step skipped")
         step += 1
@@ -581,15 +581,12 @@ def main(argv=None):
                 dist.all_reduce(t, op=dist.ReduceOp.MIN)
                 total = int(t)
         if step % args.log_every == 0 or step >= total:
-            if world > 1:
-                dist.all_reduce(stats)
-                stats /= world
             n = (step - 1) % args.log_every + 1
-            l, r, f = (stats / n).tolist()
+            l, r, f = (all_mean(stats, world) / n).tolist()  # on the device: nccl reduces there
             p0(f"step {step}/{total} | loss {l:.4f} | recon {r:.4f} | flow {f:.4f} | "
                f"grad {norm.item():.2f} | lr {lr:.2e} | "
                f"{n * args.batch_size / (time.time() - t0):.0f} mol/s | {elapsed:.0f}s")
-            t0, stats = time.time(), torch.zeros(3)
+            t0, stats = time.time(), torch.zeros(3, device=device)
     train_s, train_cpu_s = time.time() - t_start, time.process_time() - p_start
     if rank == 0:
         save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), {

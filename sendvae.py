@@ -39,7 +39,6 @@ import contextlib
 import json
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import asdict
@@ -51,9 +50,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from data import (UserError, autocast, batch_indices, cache_dir, download, file_hash, get_dataset,
-                  load_checkpoint, load_image, pick_precision, print0, run_main, save_checkpoint,
-                  save_grid, setup_distributed, split_batch)
+from data import (StopCheck, UserError, all_mean, autocast, cache_dir, download, file_hash,
+                  get_dataset, load_checkpoint, load_image, make_loader, open_log, pick_precision,
+                  resume_file, run_main, save_checkpoint, save_grid, setup_distributed,
+                  split_batch)
 from model import UniteConfig, UNITE, ViTBlock, attend, count_params, sincos_2d
 from perceptual import load_lpips, lpips_loss
 from vae import VAE_PRESETS, AutoencoderKL, VAEConfig
@@ -954,6 +954,75 @@ def run_probe(args):
                       "probe_f1_mean": round(mean, 4), "probe_l2": lams, "probe_split": split}))
 
 
+def load_state(path, vcfg, vae, mapper, opt, disc, opt_d):
+    """Resume VAE, mapper, discriminator and optimizers from a sendvae.py checkpoint; its step."""
+    ck = load_checkpoint(path, "sendvae.py ", keys=("vae_config", "vae", "mapper", "step"))
+    if ck["vae_config"] != asdict(vcfg) or (disc is None) != (ck.get("disc") is None):
+        raise UserError(f"{path} was trained with another VAE config or GAN setting; use "
+                        f"another --out-dir")
+    try:
+        vae.load_state_dict(ck["vae"])
+        mapper.load_state_dict(ck["mapper"])
+        opt.load_state_dict(ck["optimizer"])
+        if disc is not None:
+            disc.load_state_dict(ck["disc"])
+            opt_d.load_state_dict(ck["disc_optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: another mapper / VFM / optimizer setting "
+                        f"({type(e).__name__}); use another --out-dir") from None
+    return ck["step"]
+
+
+STAT_NAMES = ["loss", "l1", "lpips", "kl", "gan", "align", "cos", "d_loss", "real", "fake"]
+
+
+def micro_step(model, disc, disc_ddp, x, noise, feats, args, lpips, sync, accum, precision):
+    """Forward and backward of one micro-batch: the VAE + mapper on L_VAE + w L_align (eq. 3), then
+    D on (x, x_hat.detach()) when `disc` is given (the GAN is on: losses.py:238-277; disc_ddp is
+    its DDP wrapper). Gradients are all-reduced only when `sync` (the last micro-step). Returns
+    (z, STAT_NAMES values / accum)."""
+    with contextlib.nullcontext() if sync else model.no_sync():
+        with autocast(x.device, precision):
+            recon, mean, logvar, z, align, cos = model(x, noise, feats, args.align_weight <= 0)
+        loss, st = vae_loss(x, recon, mean, logvar, args, lpips, disc)
+        w = args.align_weight if args.align_weight > 0 else 1.0  # w = 0: a mapper-only probe
+        loss = loss + w * align                                                   # eq. 3
+        (loss / accum).backward()
+    d = torch.zeros(3, device=x.device)
+    if disc is not None:
+        with contextlib.nullcontext() if sync else disc_ddp.no_sync():
+            d_loss, real, fake = disc_loss(disc_ddp, x, recon)
+            (d_loss / accum).backward()
+        d = torch.stack([d_loss.detach(), real, fake])
+    return z, torch.cat([torch.stack([loss.detach(), st["l1"], st["lpips"], st["kl"], st["gan"],
+                                      align.detach(), cos]), d]) / accum
+
+
+def end_of_run(vae, mapper, vfm, ds, args, device, vcfg, p0):
+    """Rank 0's figures: PSNR and alignment cosine on held-out images, the attribute probe, and a
+    reconstruction grid. Returns the JSON's keys."""
+    vae.eval()
+    test = get_dataset(args.data, vcfg.resolution, "test") \
+        if args.data in ("shapes", "cifar10") else ds
+    imgs = test.images[:args.eval_images] if hasattr(test, "images") else torch.stack(
+        [(test[i][0] * 255).round().byte() for i in range(min(args.eval_images, len(test)))])
+    psnr, cos = evaluate(vae, mapper, vfm, imgs, args.align_noise, args.seed)
+    res = dict(psnr=round(psnr, 2), align_cos=round(cos, 4))
+    if args.data == "shapes" or args.probe_data:
+        f1, mean_f1, lams, split = probe_figures(vae, args, vcfg.resolution)
+        print_probe(f1, mean_f1, args.probe_data or "shapes", split)
+        res.update(probe_f1_mean=round(mean_f1, 4), probe_l2=lams, probe_split=split,
+                   probe_f1={k: round(v, 4) for k, v in f1.items()})
+    with torch.no_grad():
+        x = imgs[:8].to(device).float() / 255
+        save_grid(torch.cat([x, vae.decode(vae.encode(x)[0]).clamp(0, 1)]),
+                  os.path.join(args.out_dir, "recon.png"), 8)
+    p0(f"PSNR {psnr:.2f} dB (posterior mean, {len(imgs)} test images) | alignment cosine "
+          f"{cos:.3f} ({'noised' if args.align_noise else 'clean'} latents, VFM "
+          f"{'STAND-IN ' if vfm.stand_in else ''}{args.vfm})")
+    return res
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.probe:
@@ -990,38 +1059,17 @@ def main(argv=None):
     args.micro_batch, accum, steps_per_epoch = split_batch(args.batch_size, args.micro_batch, world,
                                                             len(ds))
     total = args.max_steps or int(args.epochs * steps_per_epoch)
-
-    step = 0
-    resume = os.path.join(args.out_dir, "ckpt.pt") if args.resume == "auto" else args.resume
-    if resume and os.path.exists(resume):
-        ck = load_checkpoint(resume, "sendvae.py ", keys=("vae_config", "vae", "mapper", "step"))
-        if ck["vae_config"] != asdict(vcfg) or (disc is None) != (ck.get("disc") is None):
-            raise UserError(f"{resume} was trained with another VAE config or GAN setting; use "
-                            f"another --out-dir")
-        try:
-            vae.load_state_dict(ck["vae"])
-            mapper.load_state_dict(ck["mapper"])
-            opt.load_state_dict(ck["optimizer"])
-            if disc is not None:
-                disc.load_state_dict(ck["disc"])
-                opt_d.load_state_dict(ck["disc_optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"{resume}: another mapper / VFM / optimizer setting "
-                            f"({type(e).__name__}); use another --out-dir") from None
-        step = ck["step"]
-    elif args.resume not in ("", "auto"):
-        raise UserError(f"--resume {args.resume}: file not found")
+    p0 = open_log(args.out_dir, rank)
+    step, resume = 0, resume_file(args.resume, args.out_dir)
+    if resume:
+        step = load_state(resume, vcfg, vae, mapper, opt, disc, opt_d)
+        p0(f"resumed from {resume} at step {step}")
     ids = [device.index] if device.type == "cuda" else None
     # the mapper's BN buffers are kept equal by update_bn (no broadcast needed)
     model = DDP(raw, device_ids=ids, broadcast_buffers=False) if world > 1 else raw
     # D's BatchNorm runs on batch statistics; DDP's default buffer broadcast as accelerate does
     disc_ddp = DDP(disc, device_ids=ids) if world > 1 and disc is not None else disc
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    log = open(os.path.join(args.out_dir, "log.txt"), "a") if rank == 0 else None
-    p0 = lambda *a: print0(*a, rank=rank, log=log)
-    if step:
-        p0(f"resumed from {resume} at step {step}")
     terms = [n for n, w in (("L1", 1), ("LPIPS", args.lpips_weight), ("KL", args.kl_weight),
                             ("GAN", args.gan_weight), ("align", args.align_weight)) if w > 0]
     p0(f"Send-VAE {args.preset}: VAE {count_params(vae) / 1e6:.2f}M (latent {vcfg.z_channels}x"
@@ -1032,18 +1080,12 @@ def main(argv=None):
        f"{device}, {precision}, world {world} | batch {args.batch_size} = {args.micro_batch} x "
        f"{accum} accum x {world} | {total} steps ({steps_per_epoch} per epoch) | lr {args.lr:.1e}")
     p0("args: " + json.dumps(vars(args)))
-    workers = args.num_workers if args.num_workers is not None else \
-        0 if hasattr(ds, "images") else 8
-    loader = iter(torch.utils.data.DataLoader(
-        ds, num_workers=workers, pin_memory=device.type == "cuda",
-        batch_sampler=batch_indices(len(ds), args.batch_size, args.seed, step, accum, world, rank)))
+    loader = make_loader(ds, args.batch_size, args.seed, step, accum, world, rank, device,
+                         args.num_workers)
 
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))  # pre-emption: save, then exit cleanly
-
-    def checkpoint(results=None):
+    def checkpoint(results=None):  # atomic (data.py); every rank waits for it
         if rank == 0:
-            save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), {  # atomic (data.py)
+            save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), {
                 "vae": vae.state_dict(), "vae_config": asdict(vcfg), "mapper": mapper.state_dict(),
                 "optimizer": opt.state_dict(), "disc": disc.state_dict() if disc else None,
                 "disc_optimizer": opt_d.state_dict() if disc else None, "step": step,
@@ -1052,28 +1094,10 @@ def main(argv=None):
         if world > 1:
             dist.barrier()
 
-    def all_mean(t):
-        if world > 1:
-            dist.all_reduce(t)
-            t /= world
-        return t
-
-    names = ["loss", "l1", "lpips", "kl", "gan", "align", "cos", "d_loss", "real", "fake"]
-    stats, seen, bad = torch.zeros(len(names), device=device), 0, 0
-    t0 = t_start = time.time()
-    cpu0, step0, zshape = time.process_time(), step, (vcfg.z_channels, g_lat, g_lat)
-
-    def must_stop():  # [CPU budget spent (bench.py), SIGTERM seen]: every rank stops at one step
-        flags = torch.tensor([float(args.time_budget > 0 and time.process_time() - cpu0 >
-                                    args.time_budget), float(bool(stop))], device=device)
-        if world > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return flags.tolist()
-    out_of_time = sigterm = 0.0
-    while step < total:
-        out_of_time, sigterm = must_stop()
-        if out_of_time or sigterm:
-            break
+    stats, seen, bad = torch.zeros(len(STAT_NAMES), device=device), 0, 0
+    stop = StopCheck(args.time_budget, "cpu", device, world)  # CPU clock: fair on a shared CPU
+    t0, step0, zshape = time.time(), step, (vcfg.z_channels, g_lat, g_lat)
+    while step < total and not stop():
         # ------------------------------------------------ one optimization step
         lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
         for grp in opt.param_groups:
@@ -1088,24 +1112,10 @@ def main(argv=None):
             with autocast(device, precision):
                 feats = vfm(x)                                                    # (b, N, D)
             sync = m == accum - 1 or world == 1  # all-reduce gradients only on the last micro-step
-            with contextlib.nullcontext() if sync else model.no_sync():
-                with autocast(device, precision):
-                    recon, mean, logvar, z, align, cos = model(x, noise, feats,
-                                                               args.align_weight <= 0)
-                loss, st = vae_loss(x, recon, mean, logvar, args, lpips, disc if gan_on else None)
-                w = args.align_weight if args.align_weight > 0 else 1.0  # w = 0: mapper-only probe
-                loss = loss + w * align                                           # eq. 3
-                (loss / accum).backward()
-            d = torch.zeros(3, device=device)
-            if gan_on:  # D's step on this micro-batch's (x, x_hat.detach()): losses.py:238-277
-                with contextlib.nullcontext() if sync else disc_ddp.no_sync():
-                    d_loss, real, fake = disc_loss(disc_ddp, x, recon)
-                    (d_loss / accum).backward()
-                d = torch.stack([d_loss.detach(), real, fake])
+            z, st = micro_step(model, disc if gan_on else None, disc_ddp, x, noise, feats, args,
+                               lpips, sync, accum, precision)
             mo, k = latent_moments(z)
-            moments, n_lat = moments + mo, n_lat + k
-            stats += torch.cat([torch.stack([loss.detach(), st["l1"], st["lpips"], st["kl"],
-                                             st["gan"], align.detach(), cos]), d]) / accum
+            moments, n_lat, stats = moments + mo, n_lat + k, stats + st
         if world > 1:
             dist.all_reduce(moments)
         # step 0 normalised with the initial (0, 1) statistics; its batch then sets them (REPA-E
@@ -1120,7 +1130,7 @@ def main(argv=None):
             if gan_on:
                 opt_d.step()
             bad = 0
-        else:
+        else:  # the same rule as optim.train_step
             bad += 1
             p0(f"step {step}: non-finite loss/gradient, step skipped")
             if bad >= 5:
@@ -1128,56 +1138,35 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         if opt_d:
             opt_d.zero_grad(set_to_none=True)
-        step += 1
-        seen += args.batch_size
+        step, seen = step + 1, seen + args.batch_size
         # ------------------------------------------------ once in a while: log, save
         if step % args.log_every == 0 or step == total:
             n = (step - 1) % args.log_every + 1
-            v = dict(zip(names, (all_mean(stats) / n).tolist()))  # .tolist(): a sync, log time only
+            v = dict(zip(STAT_NAMES, (all_mean(stats, world) / n).tolist()))  # a sync: log time
             gan_txt = (f" | gan {v['gan']:.4f} | d {v['d_loss']:.4f} (real {v['real']:.3f} fake "
                        f"{v['fake']:.3f}, grad {d_norm.item():.3f})" if disc is not None else "")
             p0(f"step {step} | loss {v['loss']:.4f} | l1 {v['l1']:.4f} | lpips {v['lpips']:.4f} | "
                f"kl {v['kl']:.1f} | align {v['align']:.4f} (cos {v['cos']:.3f}) | grad "
                f"{norm.item():.3f}{gan_txt} | lr {lr:.1e} | {seen / (time.time() - t0):.1f} img/s")
-            stats, seen, t0 = torch.zeros(len(names), device=device), 0, time.time()
+            stats, seen, t0 = torch.zeros(len(STAT_NAMES), device=device), 0, time.time()
         if args.ckpt_every > 0 and step % args.ckpt_every == 0:
             checkpoint()
-    train_s, train_cpu_s = time.time() - t_start, time.process_time() - cpu0
-    if out_of_time:
+    train_s, train_cpu_s = time.time() - stop.t0, time.process_time() - stop.cpu0
+    if stop.out_of_time and not stop.sigterm:
         p0(f"--time-budget {args.time_budget:g} CPU-s reached: stopped at step {step} of {total}")
-    if sigterm:
+    if stop.sigterm:
         checkpoint()
         p0(f"SIGTERM: saved {args.out_dir}/ckpt.pt at step {step}, exiting")
         return
-
-    # ------------------------------------------------ end of run: PSNR, cosine, probe; last line
-    # JSON
+    # ------------------------------------------------ end of run: PSNR, cosine, probe; JSON last
     res = {"preset": args.preset, "vfm": args.vfm, "vfm_stand_in": vfm.stand_in,
            "align_weight": args.align_weight, "mapper_depth": args.mapper_depth,
            "align_noise": args.align_noise, "loss_terms": terms, "steps": step, "world": world}
     if rank == 0:
-        vae.eval()
-        test = get_dataset(args.data, vcfg.resolution, "test") \
-            if args.data in ("shapes", "cifar10") else ds
-        imgs = test.images[:args.eval_images] if hasattr(test, "images") else torch.stack(
-            [(test[i][0] * 255).round().byte() for i in range(min(args.eval_images, len(test)))])
-        psnr, cos = evaluate(vae, mapper, vfm, imgs, args.align_noise, args.seed)
-        res.update(psnr=round(psnr, 2), align_cos=round(cos, 4))
-        if args.data == "shapes" or args.probe_data:
-            f1, mean_f1, lams, split = probe_figures(vae, args, vcfg.resolution)
-            print_probe(f1, mean_f1, args.probe_data or "shapes", split)
-            res.update(probe_f1_mean=round(mean_f1, 4), probe_l2=lams, probe_split=split,
-                       probe_f1={k: round(v, 4) for k, v in f1.items()})
-        with torch.no_grad():
-            x = imgs[:8].to(device).float() / 255
-            save_grid(torch.cat([x, vae.decode(vae.encode(x)[0]).clamp(0, 1)]),
-                      os.path.join(args.out_dir, "recon.png"), 8)
+        res.update(end_of_run(vae, mapper, vfm, ds, args, device, vcfg, p0))
         res.update(train_s=round(train_s, 1), cpu_s=round(train_cpu_s, 1),
                    img_per_s=round((step - step0) * args.batch_size / max(train_s, 1e-9), 1),
-                   total_s=round(time.time() - t_start, 1))
-        p0(f"PSNR {psnr:.2f} dB (posterior mean, {len(imgs)} test images) | alignment cosine "
-           f"{cos:.3f} ({'noised' if args.align_noise else 'clean'} latents, VFM "
-           f"{'STAND-IN ' if vfm.stand_in else ''}{args.vfm})")
+                   total_s=round(time.time() - stop.t0, 1))
     checkpoint(res)
     p0(f"wrote {args.out_dir}/ckpt.pt and {args.out_dir}/recon.png (top: inputs, bottom: recons)")
     p0(json.dumps(res))

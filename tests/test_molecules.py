@@ -200,7 +200,7 @@ def test_torchrun_two_processes_match_one(tmp_path, qm9_head):
     script = os.path.join(ROOT, "molecules.py")
     for name, pre in (("one", [sys.executable]),
                       ("two", [sys.executable, "-m", "torch.distributed.run",
-                               "--nproc_per_node=2"])):
+                               "--nproc_per_node=2", "--master_port=29535"])):
         r = subprocess.run(pre + [script, "--out-dir", str(tmp_path / name)] + common,
                            capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
