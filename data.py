@@ -384,6 +384,14 @@ def setup_distributed(device_arg):
     return rank, world, torch.device(device_arg)
 
 
+def setup_run(device_arg, precision_arg):
+    """A training script's start: (rank, world, device, precision). TF32 matmuls on for fp32 work on
+    GPUs, as the released UNITE and REPA-E code."""
+    rank, world, device = setup_distributed(device_arg)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return rank, world, device, pick_precision(precision_arg, device)
+
+
 def cpu_has_bf16():
     """bf16 matmuls are fast only with AVX512-BF16 or AMX; without them they are ~3x slower than
     fp32."""

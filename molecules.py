@@ -61,8 +61,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (UserError, all_mean, batch_indices, cache_dir, pick_precision, print0, run_main,
-                  save_checkpoint, setup_distributed, write_atomic)
+from data import (UserError, all_mean, batch_indices, cache_dir, open_log, run_main,
+                  save_checkpoint, setup_run, write_atomic)
 from model import (UNITE, UniteConfig, ViTBlock, count_params, sample_latents, sample_noise,
                    step_noise)
 from optim import lr_at, make_optimizers, train_step
@@ -508,10 +508,8 @@ def main(argv=None):
         print(json.dumps(res))
         return res
 
-    rank, world, device = setup_distributed(args.device)
-    os.makedirs(args.out_dir, exist_ok=True)
-    p0 = lambda *a: print0(*a, rank=rank)
-    precision = pick_precision(args.precision, device)
+    rank, world, device, precision = setup_run(args.device, args.precision)
+    p0 = open_log(args.out_dir, rank)
     if rank == 0:
         d = load_molecules(args)   # rank 0 builds the cache once ...
     if world > 1:

@@ -51,9 +51,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from data import (StopCheck, UserError, all_mean, autocast, cache_dir, download, file_hash,
-                  get_dataset, load_checkpoint, load_image, make_loader, open_log, pick_precision,
-                  resume_file, run_main, save_checkpoint, save_grid, setup_distributed,
-                  split_batch)
+                  get_dataset, load_checkpoint, load_image, make_loader, open_log, resume_file,
+                  run_main, save_checkpoint, save_grid, setup_run, split_batch)
 from model import UniteConfig, UNITE, ViTBlock, attend, count_params, sincos_2d
 from perceptual import load_lpips, lpips_loss
 from vae import VAE_PRESETS, AutoencoderKL, VAEConfig
@@ -973,6 +972,31 @@ def load_state(path, vcfg, vae, mapper, opt, disc, opt_d):
     return ck["step"]
 
 
+def end_of_run(vae, mapper, vfm, ds, args, device, vcfg, p0):
+    """Rank 0's figures: PSNR and alignment cosine on held-out images, the attribute probe, and a
+    reconstruction grid. Returns the JSON's keys."""
+    vae.eval()
+    test = get_dataset(args.data, vcfg.resolution, "test") \
+        if args.data in ("shapes", "cifar10") else ds
+    imgs = test.images[:args.eval_images] if hasattr(test, "images") else torch.stack(
+        [(test[i][0] * 255).round().byte() for i in range(min(args.eval_images, len(test)))])
+    psnr, cos = evaluate(vae, mapper, vfm, imgs, args.align_noise, args.seed)
+    res = dict(psnr=round(psnr, 2), align_cos=round(cos, 4))
+    if args.data == "shapes" or args.probe_data:
+        f1, mean_f1, lams, split = probe_figures(vae, args, vcfg.resolution)
+        print_probe(f1, mean_f1, args.probe_data or "shapes", split)
+        res.update(probe_f1_mean=round(mean_f1, 4), probe_l2=lams, probe_split=split,
+                   probe_f1={k: round(v, 4) for k, v in f1.items()})
+    with torch.no_grad():
+        x = imgs[:8].to(device).float() / 255
+        save_grid(torch.cat([x, vae.decode(vae.encode(x)[0]).clamp(0, 1)]),
+                  os.path.join(args.out_dir, "recon.png"), 8)
+    p0(f"PSNR {psnr:.2f} dB (posterior mean, {len(imgs)} test images) | alignment cosine "
+       f"{cos:.3f} ({'noised' if args.align_noise else 'clean'} latents, VFM "
+       f"{'STAND-IN ' if vfm.stand_in else ''}{args.vfm})")
+    return res
+
+
 STAT_NAMES = ["loss", "l1", "lpips", "kl", "gan", "align", "cos", "d_loss", "real", "fake"]
 
 
@@ -998,38 +1022,11 @@ def micro_step(model, disc, disc_ddp, x, noise, feats, args, lpips, sync, accum,
                                       align.detach(), cos]), d]) / accum
 
 
-def end_of_run(vae, mapper, vfm, ds, args, device, vcfg, p0):
-    """Rank 0's figures: PSNR and alignment cosine on held-out images, the attribute probe, and a
-    reconstruction grid. Returns the JSON's keys."""
-    vae.eval()
-    test = get_dataset(args.data, vcfg.resolution, "test") \
-        if args.data in ("shapes", "cifar10") else ds
-    imgs = test.images[:args.eval_images] if hasattr(test, "images") else torch.stack(
-        [(test[i][0] * 255).round().byte() for i in range(min(args.eval_images, len(test)))])
-    psnr, cos = evaluate(vae, mapper, vfm, imgs, args.align_noise, args.seed)
-    res = dict(psnr=round(psnr, 2), align_cos=round(cos, 4))
-    if args.data == "shapes" or args.probe_data:
-        f1, mean_f1, lams, split = probe_figures(vae, args, vcfg.resolution)
-        print_probe(f1, mean_f1, args.probe_data or "shapes", split)
-        res.update(probe_f1_mean=round(mean_f1, 4), probe_l2=lams, probe_split=split,
-                   probe_f1={k: round(v, 4) for k, v in f1.items()})
-    with torch.no_grad():
-        x = imgs[:8].to(device).float() / 255
-        save_grid(torch.cat([x, vae.decode(vae.encode(x)[0]).clamp(0, 1)]),
-                  os.path.join(args.out_dir, "recon.png"), 8)
-    p0(f"PSNR {psnr:.2f} dB (posterior mean, {len(imgs)} test images) | alignment cosine "
-          f"{cos:.3f} ({'noised' if args.align_noise else 'clean'} latents, VFM "
-          f"{'STAND-IN ' if vfm.stand_in else ''}{args.vfm})")
-    return res
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.probe:
         return run_probe(args)
-    rank, world, device = setup_distributed(args.device)
-    precision = pick_precision(args.precision, device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as REPA-E
+    rank, world, device, precision = setup_run(args.device, args.precision)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     vcfg = VAEConfig(**VAE_PRESETS[args.preset])
     vae, layout = AutoencoderKL(vcfg), "random init"

@@ -33,8 +33,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import (StopCheck, UserError, all_mean, autocast, get_dataset, load_checkpoint, make_loader,
-                  open_log, pick_precision, resume_file, run_main, save_checkpoint, save_grid,
-                  setup_distributed, split_batch)
+                  open_log, resume_file, run_main, save_checkpoint, save_grid, setup_run, split_batch)
 from model import PRESETS, UNITE, count_params, generate, l1_loss, make_config, step_noise
 from perceptual import LPIPS, load_lpips, lpips_loss
 from vae import TwoStage, VAEConfig, latent_tokens_config
@@ -467,10 +466,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.plan:
         return print_plan(args)
-    rank, world, device = setup_distributed(args.device)
+    rank, world, device, precision = setup_run(args.device, args.precision)
     p0 = open_log(args.out_dir, rank)
-    precision = pick_precision(args.precision, device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     image_size = make_config(args.model).image_size
     ds = get_dataset(args.data, image_size, "train")
@@ -509,6 +506,8 @@ def main(argv=None):
     torch.manual_seed(args.seed + rank + 1_000_003 * step)  # per rank: anything not keyed per row
     model = (DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
              if world > 1 else raw)
+    loader = make_loader(ds, args.batch_size, args.seed, step, accum, world, rank, device,
+                         args.num_workers)
 
     p0(f"UNITE-{args.model}: GE {count_params(raw.encoder) / 1e6:.2f}M, "
        f"decoder {count_params(raw.decoder) / 1e6:.2f}M"
@@ -523,8 +522,6 @@ def main(argv=None):
            f"{raw.decoder.latent_mean.mean():.3f} std {raw.decoder.latent_std.mean():.3f}"
            f" (channel averages, {min(args.latent_stats_images, len(ds))} images)")
     p0("args: " + json.dumps(vars(args)))
-    loader = make_loader(ds, args.batch_size, args.seed, step, accum, world, rank, device,
-                         args.num_workers)
 
     def checkpoint(name="ckpt.pt"):  # atomic (data.py); every rank waits for it
         if rank == 0:
