@@ -190,6 +190,42 @@ def test_folder_dataset_and_sigterm_saves(tmp_path):
             and ck["step"] >= 2)
 
 
+STOP_SCRIPT = """
+import os, sys
+sys.path.insert(0, {root!r})
+import torch.distributed as dist
+from data import StopCheck
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+stop = StopCheck(0, "wall", "cpu", 2)
+first = stop()
+if rank == 1:
+    os.kill(os.getpid(), {sig})  # only rank 1 is signalled
+print(rank, first, stop(), stop.sigterm, stop.out_of_time, flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_stop_check_is_the_same_on_every_rank(tmp_path):
+    """SIGTERM on one rank stops every rank at the same step (a rank that left the loop alone would
+    hang the others in their next all-reduce); a spent budget stops with out_of_time."""
+    script = tmp_path / "stop.py"
+    script.write_text(STOP_SCRIPT.format(root=ROOT, sig=int(signal.SIGTERM)))
+    r = run("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+            str(script))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = sorted(l.split() for l in r.stdout.splitlines() if l[:1] in "01")
+    assert rows == [["0", "False", "True", "True", "False"], ["1", "False", "True", "True", "False"]]
+    from data import StopCheck
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        stop = StopCheck(1e-6, "cpu")
+        sum(i * i for i in range(200_000))                   # spend some CPU time
+        assert stop() and stop.out_of_time and not stop.sigterm
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def test_cifar10_offline_and_corrupt_download(tmp_path, monkeypatch):
     import data
     monkeypatch.setenv("MINUNITE_CACHE", str(tmp_path))
