@@ -32,8 +32,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (StopCheck, UserError, all_mean, autocast, get_dataset, load_checkpoint, make_loader,
-                  open_log, resume_file, run_main, save_checkpoint, save_grid, setup_run, split_batch)
+from data import (StopCheck, UserError, all_mean, autocast, get_dataset, load_checkpoint,
+                  make_loader, open_log, resume_file, run_main, save_checkpoint, save_grid,
+                  setup_run, split_batch)
 from model import PRESETS, UNITE, count_params, generate, l1_loss, make_config, step_noise
 from perceptual import LPIPS, load_lpips, lpips_loss
 from vae import TwoStage, VAEConfig, latent_tokens_config
