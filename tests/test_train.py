@@ -402,6 +402,24 @@ def test_periodic_eval_logs_and_keeps_the_best_ema(tmp_path, monkeypatch, capsys
     assert torch.load(os.path.join(out, "ckpt_best.pt"), weights_only=True)["step"] == 6
 
 
+def test_final_eval_far_below_the_best_is_said(tmp_path, monkeypatch, capsys):
+    """A run that ends inside a transient instability (final shape_acc far below the best periodic
+    one) says so in one line and names ckpt_best.pt; the JSON carries the best evaluation."""
+    def scores(ema, n, *a):                    # periodic: 200 samples; the end of the run: 500
+        return (30.0, 0.95) if n == 200 else (2000.0, 0.2)
+    monkeypatch.setattr(train, "fd_shapes_of_samples", scores)
+    monkeypatch.setattr(train, "psnr", lambda *a, **k: 30.0)
+    out = str(tmp_path / "w")
+    train.main(FAST + ["--out-dir", out, "--max-steps", "2", "--eval-every", "2",
+                       "--eval-samples", "500"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(lines[-1])
+    assert res["best_eval"] == {"step": 2, "fd_shapes_200": 30.0, "shape_acc": 0.95}
+    assert res["shape_acc"] == 0.2
+    warn = [l for l in lines if l.startswith("warning: the final EMA")]
+    assert len(warn) == 1 and "ckpt_best.pt holds the step-2 EMA" in warn[0]
+
+
 def test_lpips_term_in_training(tmp_path, monkeypatch):
     """--lpips adds the LPIPS term to L_recon (here with random VGG weights); without the weight
     files the run stops with one line saying where to put them."""
