@@ -465,7 +465,7 @@ def end_of_run(ema, cfg, args, rank, world, device, p0, evals):
             res["best_eval"] = best
         if best and acc < best["shape_acc"] - 0.15:
             p0(f"warning: the final EMA's shape_acc {acc:.3f} is far below {best['shape_acc']:.3f} "
-               f"at step {best['step']}: the run ended in a transient instability; "
+               f"at step {best['step']}: the run probably ended in a transient instability; "
                f"{args.out_dir}/ckpt_best.pt holds the step-{best['step']} EMA")
     if args.fid_ref:
         res[f"fid_{args.fid_samples}"] = round(
